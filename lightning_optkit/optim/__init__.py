@@ -1,0 +1,1 @@
+"""Kit optimizers: a small base class and the optimizers written on it."""

@@ -1,0 +1,53 @@
+"""The contract between step-deciding callbacks and kit optimizers.
+
+A callback (GradientClipping, NonFiniteGuard) decides, in ``on_before_optimizer_step``, a gradient
+scale (the clip coefficient) and a skip flag, both as device tensors. An optimizer that mixes in
+:class:`StepModifiers` accepts them with :meth:`defer_grad_scale` / :meth:`defer_skip` and applies
+them inside its next ``step()`` with no host sync: gradients are read as ``grad * scale``, and when
+the skip flag is true the step leaves parameters, state and the step counter exactly as they were.
+Other optimizers get the scale applied with foreach ops by the callback itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class AcceptsStepModifiers(Protocol):
+    """An optimizer that applies a deferred gradient scale and skip flag inside its step."""
+
+    def defer_grad_scale(self, scale: torch.Tensor) -> None: ...
+
+    def defer_skip(self, flag: torch.Tensor) -> None: ...
+
+
+class StepModifiers:
+    """Mixin storing the pending scale and skip flag until the next ``step()`` pops them.
+
+    Several callbacks compose: scales multiply, skip flags are OR-ed. All on device.
+    """
+
+    _pending_scale: torch.Tensor | None = None
+    _pending_skip: torch.Tensor | None = None
+
+    def defer_grad_scale(self, scale: torch.Tensor) -> None:
+        """Multiply every gradient by ``scale`` (a 0-d device tensor) in the next step."""
+        scale = scale.detach().float().reshape(())
+        prev = self._pending_scale
+        self._pending_scale = scale if prev is None else prev * scale
+
+    def defer_skip(self, flag: torch.Tensor) -> None:
+        """Skip the next step entirely when ``flag`` (a 0-d device tensor) is true."""
+        flag = flag.detach().reshape(()).to(torch.bool)
+        prev = self._pending_skip
+        self._pending_skip = flag if prev is None else prev | flag
+
+    def pop_step_modifiers(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return and clear ``(scale, skip)``; either may be None."""
+        scale, skip = self._pending_scale, self._pending_skip
+        self._pending_scale = None
+        self._pending_skip = None
+        return scale, skip

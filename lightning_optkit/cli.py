@@ -1,0 +1,80 @@
+"""The ``optkit`` command: ``demo``, ``plan``, ``schedule``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lightning_optkit.errors import SpecError
+
+
+def _load_model(target: str):
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise SpecError("model", target, "write it as package.module:ClassName", problem="has no ':ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SpecError("model", target, "check the module path and class name", problem=f"cannot be loaded ({err})")
+    try:
+        return cls()
+    except TypeError as err:
+        raise SpecError("model", target, "give a class that constructs without arguments",
+                        problem=f"cannot be built ({err})") from err
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    from lightning_optkit.params import plan
+    from lightning_optkit.spec import load_yaml, spec_from_data
+
+    model = _load_model(args.model)
+    print(plan(model, spec_from_data(load_yaml(args.spec))))
+    return 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from lightning_optkit.demo import run_demo
+
+    run_demo(max_epochs=args.epochs, wandb=not args.no_wandb, save_dir=args.save_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="optkit", description="lightning_optkit command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small model with a spec, two groups and a schedule")
+    demo.add_argument("--epochs", type=int, default=4, help="number of epochs (default 4)")
+    demo.add_argument("--no-wandb", action="store_true", help="log to CSV instead of W&B (offline)")
+    demo.add_argument("--save-dir", default="runs/demo", help="where logs and checkpoints go (default runs/demo)")
+    demo.set_defaults(func=_demo_command)
+
+    plan_cmd = sub.add_parser("plan", help="print which parameter goes to which optimizer and group")
+    plan_cmd.add_argument("model", help="package.module:ModelClass (constructs without arguments)")
+    plan_cmd.add_argument("spec", help="the spec as a YAML file")
+    plan_cmd.set_defaults(func=_plan_command)
+
+    try:
+        from lightning_optkit.schedule_preview import register_cli
+    except ImportError:  # the schedule preview needs matplotlib only when used
+        pass
+    else:
+        register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``optkit`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as err:
+        print(f"optkit {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

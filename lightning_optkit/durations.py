@@ -1,0 +1,123 @@
+"""Training durations ("500steps", "2ep", "5%", 0.1, 300) and how to resolve them to optimizer steps.
+
+An int counts optimizer steps; ``"Nsteps"`` / ``"Nep"`` count steps / epochs; ``"P%"`` or a float in
+(0, 1) is a fraction of the whole fit. Numeric strings (YAML reads ``1e3`` as text) are read as numbers.
+Fractions round half up to whole steps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_optkit.errors import SpecError
+
+_STEPS = re.compile(r"^(\d+)\s*(?:steps?)$", re.IGNORECASE)
+_EPOCHS = re.compile(r"^(\d+)\s*(?:ep|epochs?)$", re.IGNORECASE)
+_PERCENT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*%$")
+_FORMS = "an int (optimizer steps), '500steps', '2ep', '5%' or a float in (0, 1) (fraction of training)"
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A parsed, not yet resolved duration: ``amount`` steps, epochs, or a fraction of training."""
+
+    unit: Literal["steps", "epochs", "fraction"]
+    amount: float
+
+    def to_value(self) -> int | str | float:
+        """The user-facing form (round-trips through :func:`parse_duration`)."""
+        if self.unit == "steps":
+            return int(self.amount)
+        if self.unit == "epochs":
+            return f"{int(self.amount)}ep"
+        return f"{self.amount * 100:g}%"
+
+
+def _number_from_text(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_duration(value: Any, *, field: str) -> Duration:
+    """Validate ``value`` as a duration (see the module docstring); raise SpecError naming ``field``."""
+    if isinstance(value, Duration):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        for pattern, unit in ((_STEPS, "steps"), (_EPOCHS, "epochs")):
+            match = pattern.match(text)
+            if match:
+                return Duration(unit, int(match.group(1)))
+        match = _PERCENT.match(text)
+        if match:
+            pct = float(match.group(1))
+            if not 0.0 < pct <= 100.0:
+                raise SpecError(field, value, "give a percentage in (0, 100]", problem="is out of range")
+            return Duration("fraction", pct / 100.0)
+        number = _number_from_text(text)
+        if number is None:
+            raise SpecError(field, value, f"give {_FORMS}", problem="is not a duration")
+        value = number
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(field, value, f"give {_FORMS}", problem="is not a duration")
+    if not math.isfinite(value) or value < 0:
+        raise SpecError(field, value, f"give a non-negative finite duration: {_FORMS}", problem="is out of range")
+    if isinstance(value, int) or float(value).is_integer():
+        if isinstance(value, float) and value == 1.0:
+            raise SpecError(field, value, "write 1 for one step or '100%' for the whole fit",
+                            problem="is ambiguous")
+        return Duration("steps", int(value))
+    if value < 1.0:
+        return Duration("fraction", float(value))
+    raise SpecError(field, value, f"give {_FORMS}", problem="is a non-integral number of steps")
+
+
+def resolve_duration(value: Any, *, total_steps: int | None, steps_per_epoch: int | None, field: str) -> int:
+    """Optimizer steps for ``value``; fractions need ``total_steps``, epochs need ``steps_per_epoch``."""
+    duration = parse_duration(value, field=field)
+    if duration.unit == "steps":
+        return int(duration.amount)
+    if duration.unit == "epochs":
+        if not steps_per_epoch:
+            raise SpecError(field, value, "give the duration in steps (an int or 'Nsteps'), or train with a "
+                            "dataloader whose length is known", problem="counts epochs but the steps per epoch "
+                            "are unknown")
+        return int(duration.amount) * steps_per_epoch
+    if total_steps is None:
+        raise SpecError(field, value, "give the duration in steps or epochs ('500steps', '2ep'), or set "
+                        "Trainer(max_steps=...) or a finite max_epochs",
+                        problem="is a fraction of training but the training length is unknown (infinite)")
+    return math.floor(duration.amount * total_steps + 0.5)
+
+
+def _finite_int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    value = int(value)
+    return value if value > 0 else None
+
+
+def trainer_totals(trainer: Any) -> tuple[int | None, int | None]:
+    """``(total_steps, steps_per_epoch)`` in optimizer steps for a Trainer, valid inside configure_optimizers.
+
+    ``total_steps`` is ``trainer.estimated_stepping_batches`` (max_steps, max_epochs, accumulation,
+    devices and limit_train_batches counted); steps per epoch are ``ceil(num_training_batches /
+    accumulate_grad_batches)`` because Lightning steps on the last batch of an epoch even mid-accumulation.
+    Either is None where it is unknown (infinite training, an iterable dataset without a length).
+    """
+    total = _finite_int(trainer.estimated_stepping_batches)
+    batches = trainer.num_training_batches
+    if _finite_int(batches) is None and trainer.train_dataloader is None:
+        # Infinite fits (max_epochs=-1) return before loading the train dataloader; load it to count epochs.
+        trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+    batches = _finite_int(batches)
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if batches else None
+    return total, per_epoch

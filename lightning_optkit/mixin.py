@@ -1,0 +1,134 @@
+"""OptimizerMixin: ``configure_optimizers`` from a spec, and ``manual_step`` for several optimizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_optkit.build import build_optimizers
+from lightning_optkit.errors import SpecError
+from lightning_optkit.params import optimizer_labels
+from lightning_optkit.spec import spec_from_data
+
+
+class OptimizerMixin:
+    """Mix into a LightningModule (before ``L.LightningModule``) to build its optimizers from a spec.
+
+    The spec comes from ``self.optim_spec`` (an OptimizerSpec, ChainSpec, list, or dict) or else from
+    ``self.hparams["optim"]`` (a dict, so ``save_hyperparameters()`` records it and LightningCLI YAML
+    can set it). With several optimizers the module runs in manual optimization and
+    ``training_step`` calls :meth:`manual_step` once per optimizer.
+    """
+
+    optim_spec: Any = None
+
+    # --- the spec --------------------------------------------------------------------------------
+    def _optkit_spec(self) -> Any:
+        source = self.optim_spec
+        if source is None:
+            hparams = getattr(self, "hparams", None)
+            source = hparams.get("optim") if hparams is not None else None
+        if source is None:
+            raise SpecError("optim_spec", None, "set self.optim_spec = OptimizerSpec(...) in __init__, or pass "
+                            "optim={...} to __init__ and call self.save_hyperparameters()", problem="is not set")
+        cached = self.__dict__.get("_optkit_cached")
+        if cached is not None and cached[0] is source:
+            return cached[1]
+        spec = spec_from_data(source)
+        self.__dict__["_optkit_cached"] = (source, spec)
+        return spec
+
+    def _optkit_several(self) -> bool:
+        if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
+            return False
+        return isinstance(self._optkit_spec(), list)
+
+    # Lightning checks automatic_optimization before configure_optimizers runs (and rejects
+    # accumulate_grad_batches / gradient_clip_val for manual optimization there), so a spec with
+    # several optimizers must report manual optimization from the start.
+    @property
+    def automatic_optimization(self) -> bool:  # type: ignore[override]
+        """False when the spec has several optimizers (Lightning requires manual optimization then)."""
+        if self._optkit_several():
+            return False
+        return super().automatic_optimization  # type: ignore[misc]
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        super(OptimizerMixin, type(self)).automatic_optimization.fset(self, value)  # type: ignore[attr-defined]
+
+    def configure_optimizers(self) -> Any:
+        """Build the optimizers and schedulers from the spec (see :func:`lightning_optkit.build_optimizers`)."""
+        trainer = getattr(self, "_trainer", None)
+        return build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
+
+    # --- manual optimization ---------------------------------------------------------------------
+    def _optkit_index(self, optimizer: int | str | None, count: int) -> int:
+        if optimizer is None:
+            if count != 1:
+                raise SpecError("optimizer", None, f"pass optimizer=<index or name> to manual_step; there are "
+                                f"{count} optimizers", problem="is ambiguous")
+            return 0
+        if isinstance(optimizer, int) and not isinstance(optimizer, bool):
+            if not 0 <= optimizer < count:
+                raise SpecError("optimizer", optimizer, f"use an index in 0..{count - 1}", problem="is out of range")
+            return optimizer
+        spec = self._optkit_spec()
+        labels = optimizer_labels(spec if isinstance(spec, list) else [spec])
+        if optimizer not in labels:
+            raise SpecError("optimizer", optimizer, f"use one of {labels} (set name= on each OptimizerSpec)",
+                            problem="is not an optimizer name")
+        return labels.index(optimizer)
+
+    def manual_step(self, loss: torch.Tensor, optimizer: int | str | None = None) -> None:
+        """Backward, step and zero_grad one optimizer, then step its step-interval schedulers.
+
+        Registered callbacks (GradientClipping, NonFiniteGuard, OptimizerMonitor) run inside the step,
+        through Lightning's ``on_before_optimizer_step``. Epoch-interval schedulers step when the next
+        epoch's first ``manual_step`` for their optimizer runs (Lightning steps no schedulers in
+        manual optimization); plateau schedulers read their monitored metric then.
+        """
+        opts = self.optimizers()  # type: ignore[attr-defined]
+        opts = opts if isinstance(opts, list) else [opts]
+        index = self._optkit_index(optimizer, len(opts))
+        opt = opts[index]
+        raw = getattr(opt, "optimizer", opt)
+        trainer = self.trainer  # type: ignore[attr-defined]
+        self._optkit_step_epoch_schedulers(raw, trainer)
+        self.manual_backward(loss)  # type: ignore[attr-defined]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counts = self.__dict__.setdefault("_optkit_step_counts", {})
+        counts[id(raw)] = counts.get(id(raw), 0) + 1
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is raw and config.interval == "step" \
+                    and counts[id(raw)] % config.frequency == 0:
+                self._optkit_step_scheduler(config, trainer)
+
+    def _optkit_step_epoch_schedulers(self, raw: Any, trainer: Any) -> None:
+        seen = self.__dict__.setdefault("_optkit_epoch_seen", {})
+        epoch = trainer.current_epoch
+        last = seen.setdefault(id(raw), epoch)
+        if epoch == last:
+            return
+        seen[id(raw)] = epoch
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is raw and config.interval == "epoch":
+                for finished in range(last + 1, epoch + 1):
+                    if finished % config.frequency == 0:
+                        self._optkit_step_scheduler(config, trainer)
+
+    @staticmethod
+    def _optkit_step_scheduler(config: Any, trainer: Any) -> None:
+        if config.reduce_on_plateau or config.monitor:
+            value = trainer.callback_metrics.get(config.monitor)
+            if value is None:
+                if config.strict:
+                    raise SpecError("monitor", config.monitor, f"log it with self.log({config.monitor!r}, ...) "
+                                    f"before the scheduler steps, or set strict: false; available: "
+                                    f"{sorted(trainer.callback_metrics)}", problem="is not a logged metric")
+                return
+            config.scheduler.step(value)
+        else:
+            config.scheduler.step()

@@ -1,0 +1,111 @@
+"""Batched gradient/parameter norms with foreach ops and no host sync.
+
+Every result stays on the tensors' device, in float32, so callers can combine norms into clip
+coefficients or skip flags without a ``.item()``. Tensors are grouped by (device, dtype) so each
+group is one ``torch._foreach_norm`` launch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "check_norm_type",
+    "combine_norms",
+    "group_by_device_dtype",
+    "params_by_module_prefix",
+    "tensor_norms",
+    "total_norm",
+]
+
+
+DeviceDtype = tuple[torch.device, torch.dtype]
+
+
+def group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> dict[DeviceDtype, list[int]]:
+    """Indices of ``tensors`` grouped by ``(device, dtype)``, in first-seen order."""
+    groups: dict[DeviceDtype, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return dict(groups)
+
+
+def check_norm_type(norm_type: float) -> float:
+    """Return ``norm_type`` as a float, or raise ValueError unless it is a positive p or +inf."""
+    value = float(norm_type)
+    if not value > 0:  # rejects 0, negatives, -inf and NaN
+        raise ValueError(
+            f"norm_type={norm_type!r} is invalid. Fix: use a positive p (e.g. 2.0) or float('inf')."
+        )
+    return value
+
+
+def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> list[torch.Tensor]:
+    """The p-norm of each tensor as a 0-d float32 tensor on that tensor's device, in input order.
+
+    One ``torch._foreach_norm`` per (device, dtype) group; low-precision inputs are normed in
+    float32 so bf16/fp16 gradients do not overflow or lose precision.
+    """
+    norm_type = check_norm_type(norm_type)
+    tensors = [t.detach() for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (_, dtype), idx in group_by_device_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        if dtype in (torch.float16, torch.bfloat16):
+            norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(group, norm_type)
+        for i, n in zip(idx, norms, strict=True):
+            out[i] = n.float()
+    return out  # type: ignore[return-value]
+
+
+def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Combine per-tensor p-norms into the p-norm of their concatenation (0-d float32 on ``device``)."""
+    norm_type = check_norm_type(norm_type)
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    device = device if device is not None else norms[0].device
+    stacked = torch.stack([n.to(device, torch.float32) for n in norms])
+    if math.isinf(norm_type):
+        return stacked.max()
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
+               device: torch.device | None = None) -> torch.Tensor:
+    """The p-norm of all ``tensors`` viewed as one vector, as a 0-d float32 device tensor.
+
+    Matches ``torch.nn.utils.get_total_norm`` (inf-norm: the max absolute value; NaN/inf
+    propagate). ``device`` defaults to the first tensor's device; an empty input gives 0.
+    """
+    tensors = list(tensors)
+    if device is None and tensors:
+        device = tensors[0].device
+    return combine_norms(tensor_norms(tensors, norm_type), norm_type, device)
+
+
+def params_by_module_prefix(module: nn.Module, depth: int = 1,
+                            only_with_grad: bool = False) -> dict[str, list[nn.Parameter]]:
+    """Parameters grouped by the first ``depth`` components of their dotted name.
+
+    ``depth=1`` groups ``encoder.layer.0.weight`` under ``"encoder"``; a parameter whose name has
+    fewer components keeps its module path (``"bias"`` at top level is grouped under ``""``).
+    Shared parameters appear once, under their first name. With ``only_with_grad`` only
+    parameters holding a ``.grad`` are returned.
+    """
+    if depth < 1:
+        raise ValueError(f"depth={depth!r} is invalid. Fix: use an integer >= 1.")
+    groups: dict[str, list[nn.Parameter]] = defaultdict(list)
+    for name, p in module.named_parameters():
+        if only_with_grad and p.grad is None:
+            continue
+        parts = name.split(".")[:-1]  # module path without the parameter's own name
+        groups[".".join(parts[:depth])].append(p)
+    return dict(groups)

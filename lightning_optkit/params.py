@@ -1,0 +1,359 @@
+"""Which parameter goes to which optimizer and group, with what lr and weight decay: :func:`plan`.
+
+Matching rules: a glob on the qualified parameter name, ``re:<regex>`` (searched), ``type:<dotted>``
+or a module class (the module's own parameters), a predicate ``(name, param) -> bool``, or a list of
+those. A parameter takes the first group that matches, in declaration order; the rest fall into the
+``default`` group. Patterns that match nothing, overlaps between optimizers and parameters no
+optimizer takes are errors, listed by name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_optkit.errors import SpecError
+from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type, spec_from_data
+
+DEFAULT_GROUP = "default"
+
+# Parameters of these layers are never decayed under no_decay="auto" (subclasses included).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """Where one parameter goes."""
+
+    param: str
+    optimizer: str
+    group: str
+    lr: float
+    weight_decay: float
+    shape: tuple[int, ...]
+    numel: int
+
+
+@dataclass
+class TorchGroup:
+    """One param group as handed to the optimizer's constructor."""
+
+    name: str
+    params: list[nn.Parameter]
+    names: list[str]
+    lr: float
+    weight_decay: float
+    options: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dict torch optimizers take (``params``, ``name``, ``lr``, ``weight_decay`` and options)."""
+        return {"params": self.params, "name": self.name, "lr": self.lr, "weight_decay": self.weight_decay,
+                **self.options}
+
+
+@dataclass
+class OptimizerPlan:
+    """The groups of one optimizer (or one member of a chain)."""
+
+    spec: OptimizerSpec
+    label: str
+    groups: list[TorchGroup]
+
+
+class Plan(list):
+    """The rows of a plan (one per parameter), printable as a table; ``.optimizers`` holds the groups."""
+
+    optimizers: list[OptimizerPlan]
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+
+def owners(module: nn.Module) -> dict[str, nn.Module]:
+    """Map each parameter's qualified name to the module that owns it directly."""
+    out: dict[str, nn.Module] = {}
+    for mod_name, mod in module.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            out.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, mod)
+    return out
+
+
+def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
+    """Whether one parameter is selected by a selector (see the module docstring for the forms)."""
+    if isinstance(selector, str):
+        if selector.startswith("re:"):
+            return re.search(selector[3:], name) is not None
+        if selector.startswith("type:"):
+            return isinstance(owner, resolve_module_type("params", selector[5:]))
+        return fnmatch.fnmatchcase(name, selector)
+    if inspect.isclass(selector):
+        return isinstance(owner, selector)
+    if isinstance(selector, (list, tuple)):
+        return any(matches(s, name, param, owner) for s in selector)
+    return bool(selector(name, param))
+
+
+def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters that require grad (frozen ones are left out; tied weights appear once)."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _describe(selector: Any) -> Any:
+    """A selector as shown in error messages: itself for strings and lists, a name for classes and callables."""
+    if inspect.isclass(selector):
+        return f"type:{selector.__qualname__}"
+    if isinstance(selector, (str, list, tuple)):
+        return selector
+    return getattr(selector, "__name__", repr(selector))
+
+
+def _names(items: Iterable[str], limit: int = 8) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[tuple[str, nn.Parameter]],
+                   owner_of: dict[str, nn.Module]) -> set[str]:
+    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay``."""
+    if spec.no_decay is None:
+        return set()
+    if spec.no_decay == "auto":
+        listed: set[str] = set()
+        if callable(getattr(module, "no_weight_decay", None)):
+            listed = set(module.no_weight_decay())
+        out = set()
+        for name, param in candidates:
+            if (param.ndim <= 1 or name.endswith(".bias") or name == "bias"
+                    or isinstance(owner_of[name], NORM_LAYERS)
+                    or any(name == x or fnmatch.fnmatchcase(name, x) for x in listed)):
+                out.add(name)
+        return out
+    out = set()
+    for i, pattern in enumerate(spec.no_decay):
+        hits = {n for n, p in candidates if matches(pattern, n, p, owner_of[n])}
+        if not hits:
+            raise SpecError(f"no_decay[{i}]", pattern, "check the name against `optkit plan` output or "
+                            "lightning_optkit.plan(model, spec)", problem="matches no parameter")
+        out |= hits
+    return out
+
+
+def layer_depths(names: Sequence[str], rule: dict[str, Any]) -> dict[str, int]:
+    """Depth of every parameter: block index + 1 inside blocks, 0 before the first, max after the last."""
+    regex = re.compile(rule["depth"][3:])
+    block: dict[str, int] = {}
+    for name in names:
+        m = regex.search(name)
+        if m:
+            try:
+                block[name] = int(m.group(1))
+            except ValueError:
+                raise SpecError("layer_decay.depth", rule["depth"], "capture only the digits of the block index",
+                                problem=f"captured {m.group(1)!r} from {name!r}") from None
+    indices = sorted(set(block.values()))
+    if len(indices) < 1:
+        raise SpecError("layer_decay.depth", rule["depth"], "check the pattern against the parameter names "
+                        "(`optkit plan`)", problem="matches no parameter")
+    rank = {idx: i + 1 for i, idx in enumerate(indices)}
+    max_depth = len(indices) + 1
+    first = next(i for i, n in enumerate(names) if n in block)
+    last = max(i for i, n in enumerate(names) if n in block)
+    depths = {}
+    for i, name in enumerate(names):
+        if name in block:
+            depths[name] = rank[block[name]]
+        elif i < first:
+            depths[name] = 0
+        elif i > last:
+            depths[name] = max_depth
+        else:
+            depths[name] = 0  # between blocks but outside them: treat like the stem
+    if len(set(depths.values())) < 2:
+        raise SpecError("layer_decay.depth", rule["depth"], "layer decay needs at least two depths; check the "
+                        "pattern", problem="finds fewer than two depths")
+    return depths
+
+
+def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
+                     owner_of: dict[str, nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+    params = trainable(module)
+    if not params:
+        raise SpecError("params", None, "unfreeze some parameters (requires_grad=True)",
+                        problem="no trainable parameter in the model")
+    if len(specs) == 1:
+        spec = specs[0]
+        if spec.params is None:
+            return [params]
+        picked = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        if not picked:
+            raise SpecError(f"{field}.params", _describe(spec.params), "check it against the parameter names "
+                            "(`optkit plan`)", problem="matches no trainable parameter")
+        return [picked]
+    catch_all = [i for i, s in enumerate(specs) if s.params is None]
+    if len(catch_all) > 1:
+        raise SpecError(f"{field}[{catch_all[1]}].params", None, "give every optimizer but one a params= selector "
+                        "(the one without takes the rest)", problem="is missing on several optimizers")
+    taken: dict[str, int] = {}
+    picked_by: list[list[tuple[str, nn.Parameter]]] = [[] for _ in specs]
+    for i, spec in enumerate(specs):
+        if spec.params is None:
+            continue
+        hits = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        if not hits:
+            raise SpecError(f"{field}[{i}].params", _describe(spec.params), "check it against the parameter names "
+                            "(`optkit plan`)", problem="matches no trainable parameter")
+        overlap = [n for n, _ in hits if n in taken]
+        if overlap:
+            other = taken[overlap[0]]
+            raise SpecError(
+                f"{field}[{i}].params", _describe(spec.params),
+                f"give each parameter to exactly one optimizer: narrow optimizer {other}'s params so it excludes "
+                f"these (e.g. a list of patterns, or leave one optimizer's params unset to take the rest)",
+                problem=f"overlaps optimizer {other} ({specs[other].label}) on {_names(overlap)}; each would be "
+                f"updated twice per step",
+            )
+        for n, p in hits:
+            taken[n] = i
+        picked_by[i] = hits
+    rest = [(n, p) for n, p in params if n not in taken]
+    if catch_all:
+        picked_by[catch_all[0]] = rest
+    elif rest:
+        raise SpecError(f"{field}[].params", _names(n for n, _ in rest), "add them to an optimizer's params, leave "
+                        "one optimizer's params unset to take the rest, or freeze them (requires_grad=False)",
+                        problem="are trainable parameters that no optimizer takes")
+    return picked_by
+
+
+def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]],
+              owner_of: dict[str, nn.Module], label: str) -> OptimizerPlan:
+    by_group: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    group_of: dict[str, Any] = {}
+    remaining = dict(params)
+    for i, group in enumerate(spec.groups):
+        gname = group.name or f"group{i}"
+        if gname == DEFAULT_GROUP:
+            raise SpecError(f"groups[{i}].name", gname, "pick another name: 'default' holds unmatched parameters",
+                            problem="is reserved")
+        all_hits = [n for n, p in params if matches(group.params, n, p, owner_of[n])]
+        hits = [n for n in all_hits if n in remaining]
+        if not all_hits:
+            raise SpecError(f"groups[{gname}].params", _describe(group.params), "check the pattern against the "
+                            "parameter names (`optkit plan`)", problem="matches no parameter of this optimizer")
+        if not hits:
+            raise SpecError(f"groups[{gname}].params", _describe(group.params), "reorder the groups or narrow the "
+                            "earlier pattern: a parameter takes the first group that matches",
+                            problem="matches only parameters already taken by earlier groups")
+        by_group[gname] = [(n, remaining.pop(n)) for n in hits]
+        group_of[gname] = group
+    if remaining:
+        by_group[DEFAULT_GROUP] = list(remaining.items())
+        group_of[DEFAULT_GROUP] = None
+    decay_off = no_decay_names(module, spec, params, owner_of)
+    depths = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else {}
+    max_depth = max(depths.values()) if depths else 0
+    groups: dict[tuple[str, bool, int], TorchGroup] = {}
+    for gname, members in by_group.items():
+        cfg = group_of[gname]
+        base_lr = spec.lr
+        wd = spec.weight_decay
+        options: dict[str, Any] = {}
+        if cfg is not None:
+            if cfg.lr is not None:
+                base_lr = cfg.lr
+            elif cfg.lr_scale is not None:
+                base_lr = spec.lr * cfg.lr_scale
+            if cfg.weight_decay is not None:
+                wd = cfg.weight_decay
+                if wd > 0 and all(n in decay_off for n, _ in members):
+                    raise SpecError(f"groups[{gname}].weight_decay", wd, "set no_decay=None (or a list that excludes "
+                                    "these) to decay them, or drop weight_decay from the group",
+                                    problem="would be ignored: no_decay='auto' exempts every parameter of the group")
+            options = dict(cfg.options)
+        for n, p in members:
+            off = n in decay_off and wd > 0  # with wd == 0 decayed and exempt params share a group
+            depth = depths.get(n, 0)
+            key = (gname, off, depth)
+            if key not in groups:
+                parts = [gname]
+                if spec.layer_decay:
+                    parts.append(f"layer{depth}")
+                if off:
+                    parts.append("no_decay")
+                lr = base_lr * (spec.layer_decay["rate"] ** (max_depth - depth) if spec.layer_decay else 1.0)
+                groups[key] = TorchGroup("/".join(parts), [], [], lr, 0.0 if off else wd, options)
+            groups[key].params.append(p)
+            groups[key].names.append(n)
+    return OptimizerPlan(spec, label, list(groups.values()))
+
+
+def optimizer_labels(specs: list[OptimizerSpec]) -> list[str]:
+    """Display names of the optimizers, made unique (a name= wins; repeated class names get -1, -2)."""
+    base = [s.label for s in specs]
+    out = []
+    for i, b in enumerate(base):
+        if base.count(b) > 1 and not specs[i].name:
+            out.append(f"{b}-{base[:i].count(b)}" if base[:i].count(b) else b)
+        else:
+            out.append(b)
+    if len(set(out)) != len(out):
+        raise SpecError("name", out, "give every optimizer a unique name=", problem="repeats")
+    return out
+
+
+def plan(module: nn.Module, spec: Any) -> Plan:
+    """Assign every trainable parameter of ``module`` to an optimizer and group; rows print as a table.
+
+    ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, or their dict/YAML data.
+    """
+    spec = spec_from_data(spec)
+    owner_of = owners(module)
+    if isinstance(spec, ChainSpec):
+        specs, field = spec.specs, "chain"
+    elif isinstance(spec, list):
+        specs, field = spec, "optimizers"
+    else:
+        specs, field = [spec], "spec"
+    labels = optimizer_labels(specs)
+    assigned = _assign_to_specs(module, specs, field, owner_of)
+    result = Plan()
+    result.optimizers = []
+    for s, label, params in zip(specs, labels, assigned):
+        op = _plan_one(module, s, params, owner_of, label)
+        result.optimizers.append(op)
+        for g in op.groups:
+            for n, p in zip(g.names, g.params):
+                result.append(PlanRow(n, label, g.name, g.lr, g.weight_decay, tuple(p.shape), p.numel()))
+    return result
+
+
+def format_table(rows: Sequence[PlanRow]) -> str:
+    """Rows as an aligned text table with a per-group summary line count at the end."""
+    header = ("parameter", "optimizer", "group", "lr", "weight_decay", "shape", "numel")
+    body = [(r.param, r.optimizer, r.group, f"{r.lr:.4g}", f"{r.weight_decay:.4g}",
+             "x".join(map(str, r.shape)) or "scalar", f"{r.numel:,}") for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    total = sum(r.numel for r in rows)
+    groups = len({(r.optimizer, r.group) for r in rows})
+    out.append(f"{len(rows)} parameters ({total:,} values) in {groups} groups")
+    return "\n".join(out)
+
+
+def param_count(params: Iterable[torch.Tensor]) -> int:
+    """Number of values in ``params``."""
+    return sum(p.numel() for p in params)

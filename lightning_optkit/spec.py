@@ -1,0 +1,539 @@
+"""The declarative optimizer spec: OptimizerSpec, ParamGroup, ChainSpec, validated at construction.
+
+A spec is written in Python, as a dict or as YAML. Everything that can be checked without the model
+is checked here (types, numbers, names, keywords against the optimizer's signature); what needs the
+model (patterns that match nothing, overlaps, leftovers) is checked by :func:`lightning_optkit.plan`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import yaml
+
+from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.registry import check_optimizer_kwargs, optimizer_keywords, resolve_optimizer
+
+# A parameter selector: a glob on the qualified name, "re:<regex>", "type:<dotted.Module>", a module
+# class, a predicate (name, param) -> bool, or a list of those.
+Selector = Union[str, type, Callable[[str, torch.nn.Parameter], bool], Sequence[Any]]
+
+
+def as_number(
+    field_name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    non_negative: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Validate a numeric field; numbers written as strings (YAML's ``1e-3``) are accepted."""
+    if value is None and allow_none:
+        return None
+    number: float
+    if isinstance(value, bool) or value is None:
+        raise SpecError(field_name, value, "give a number, e.g. 1e-3", problem="is not a number")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise SpecError(field_name, value, "give a number, e.g. 1e-3 or 0.001",
+                            problem="is not a number") from None
+    elif isinstance(value, torch.Tensor) and value.numel() == 1:
+        raise SpecError(field_name, value, "give a Python number (a tensor lr is set by schedules, not the spec)",
+                        problem="is a tensor")
+    else:
+        raise SpecError(field_name, value, "give a number, e.g. 1e-3", problem="is not a number")
+    if not math.isfinite(number):
+        raise SpecError(field_name, value, "give a finite number", problem="is not finite")
+    if positive and number <= 0:
+        raise SpecError(field_name, value, "give a number > 0", problem="must be positive")
+    if non_negative and number < 0:
+        raise SpecError(field_name, value, "give a number >= 0 (0 disables it)", problem="must not be negative")
+    return number
+
+
+def _coerce_kwarg(key: str, value: Any, default: Any) -> Any:
+    """Coerce a YAML-read optimizer keyword to the type its default has (strings to numbers, lists to tuples)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SpecError(key, value, "give true or false", problem="is not a boolean")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+        return as_number(key, value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(value, tuple):
+        return tuple(as_number(f"{key}[{i}]", v) if isinstance(v, str) else v for i, v in enumerate(value))
+    return value
+
+
+def check_selector(field_name: str, selector: Any) -> None:
+    """Reject selectors that are not of a supported form (their matches are checked against a model later)."""
+    if isinstance(selector, str):
+        if not selector:
+            raise SpecError(field_name, selector, "give a glob like 'backbone.*'", problem="is empty")
+        if selector.startswith("re:"):
+            try:
+                re.compile(selector[3:])
+            except re.error as err:
+                raise SpecError(field_name, selector, f"fix the regular expression ({err})",
+                                problem="is not a valid regex") from None
+        elif selector.startswith("type:"):
+            resolve_module_type(field_name, selector[5:])
+        return
+    if inspect.isclass(selector):
+        if not issubclass(selector, torch.nn.Module):
+            raise SpecError(field_name, selector, "give a torch.nn.Module subclass such as torch.nn.LayerNorm",
+                            problem="is a class that is not a torch.nn.Module")
+        return
+    if isinstance(selector, (list, tuple)):
+        if not selector:
+            raise SpecError(field_name, selector, "list at least one pattern", problem="is empty")
+        for i, item in enumerate(selector):
+            if isinstance(item, (list, tuple)):
+                raise SpecError(f"{field_name}[{i}]", item, "flatten the list", problem="is a nested list")
+            check_selector(f"{field_name}[{i}]", item)
+        return
+    if callable(selector):
+        return
+    raise SpecError(field_name, selector, "use a glob, 're:<regex>', 'type:<dotted.Module>', a module class, "
+                    "a predicate (name, param) -> bool, or a list of those", problem="is not a parameter selector")
+
+
+def resolve_module_type(field_name: str, dotted: str) -> type[torch.nn.Module]:
+    """Import ``dotted`` (e.g. 'torch.nn.LayerNorm') and check it is a module class."""
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        cls = getattr(__import__(module_name, fromlist=[attr]), attr) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
+        raise SpecError(field_name, f"type:{dotted}", "name a module class by its full path, e.g. "
+                        "'type:torch.nn.LayerNorm'", problem="does not name a torch.nn.Module class")
+    return cls
+
+
+@dataclass
+class ParamGroup:
+    """Parameters selected by name pattern or module type, with their own lr or weight decay.
+
+    ``lr`` sets the group's learning rate; ``lr_scale`` multiplies the optimizer's lr instead (not both).
+    Extra keywords (e.g. ``momentum=0.8``, ``betas=(0.9, 0.95)``) become per-group optimizer options.
+    """
+
+    params: Selector
+    name: str | None = None
+    lr: float | None = None
+    lr_scale: float | None = None
+    weight_decay: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        params: Selector,
+        *,
+        name: str | None = None,
+        lr: float | None = None,
+        lr_scale: float | None = None,
+        weight_decay: float | None = None,
+        **group_kwargs: Any,
+    ) -> None:
+        label = f"groups[{name}]" if name else "groups[]"
+        check_selector(f"{label}.params", params)
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise SpecError(f"{label}.name", name, "give a non-empty string without '/'", problem="is not a valid name")
+        if lr is not None and lr_scale is not None:
+            raise SpecError(f"{label}.lr", lr, "set either lr (absolute) or lr_scale (relative to the optimizer's "
+                            "lr), not both", problem=f"conflicts with lr_scale={lr_scale!r}")
+        self.params = params
+        self.name = name
+        self.lr = as_number(f"{label}.lr", lr, positive=True, allow_none=True)
+        self.lr_scale = as_number(f"{label}.lr_scale", lr_scale, positive=True, allow_none=True)
+        self.weight_decay = as_number(f"{label}.weight_decay", weight_decay, non_negative=True, allow_none=True)
+        self.options = dict(group_kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ParamGroup) -> ParamGroup:
+        """Build from a dict: ``params`` and the named fields; other keys are per-group optimizer options."""
+        if isinstance(data, ParamGroup):
+            return data
+        if not isinstance(data, Mapping):
+            raise SpecError("groups[]", data, "give a mapping with at least 'params'", problem="is not a mapping")
+        if "params" not in data:
+            raise SpecError("groups[]", dict(data), "add 'params: <pattern>'", problem="has no 'params'")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict form (round-trips through :meth:`from_dict` when ``params`` is not a class or callable)."""
+        out: dict[str, Any] = {"params": _selector_to_data(self.params)}
+        for key in ("name", "lr", "lr_scale", "weight_decay"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(self.options)
+        return out
+
+
+def _selector_to_data(selector: Any) -> Any:
+    if inspect.isclass(selector):
+        return f"type:{selector.__module__}.{selector.__qualname__}"
+    if isinstance(selector, (list, tuple)):
+        return [_selector_to_data(s) for s in selector]
+    return selector
+
+
+@dataclass
+class TorchScheduleSpec:
+    """A torch (or any) LR scheduler class with its arguments and Lightning's scheduling keys."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    interval: str = "epoch"
+    frequency: int = 1
+    monitor: str | None = None
+    strict: bool = True
+    name: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], field_name: str = "schedule") -> TorchScheduleSpec:
+        """Parse ``{"class": "torch.optim.lr_scheduler.StepLR", "step_size": 5, "interval": "epoch", ...}``."""
+        data = dict(data)
+        target = data.pop("class")
+        sched_cls = _resolve_scheduler_class(f"{field_name}.class", target)
+        interval = data.pop("interval", "epoch")
+        if interval not in ("step", "epoch"):
+            raise SpecError(f"{field_name}.interval", interval, "use 'step' (after every optimizer step) or 'epoch'",
+                            problem="is not a Lightning interval")
+        frequency = data.pop("frequency", 1)
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            raise SpecError(f"{field_name}.frequency", frequency, "give an integer >= 1", problem="is invalid")
+        monitor = data.pop("monitor", None)
+        strict = data.pop("strict", True)
+        name = data.pop("name", None)
+        is_plateau = issubclass(sched_cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if is_plateau and not monitor:
+            raise SpecError(f"{field_name}.monitor", monitor, "name the logged metric to watch, e.g. monitor: val_loss",
+                            problem=f"is required by {sched_cls.__name__}")
+        if monitor and not is_plateau:
+            raise SpecError(f"{field_name}.monitor", monitor, f"remove it: {sched_cls.__name__} does not read a metric",
+                            problem="would be ignored")
+        if issubclass(sched_cls, torch.optim.lr_scheduler.OneCycleLR) and interval == "epoch":
+            raise SpecError(f"{field_name}.interval", interval, "OneCycleLR counts optimizer steps: use "
+                            "interval: step (or the kit schedule 'onecycle')", problem="steps OneCycleLR once per epoch")
+        valid = {
+            n: p for n, p in inspect.signature(sched_cls.__init__).parameters.items()
+            if n not in ("self", "optimizer") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+        for key, value in list(data.items()):
+            if key not in valid:
+                near = closest(key, valid)
+                raise SpecError(f"{field_name}.{key}", value,
+                                (f"did you mean {near[0]!r}? " if near else "")
+                                + f"{sched_cls.__name__} accepts: {', '.join(sorted(valid))}",
+                                problem=f"is not an argument of {sched_cls.__name__}")
+            data[key] = _coerce_kwarg(key, value, valid[key].default)
+        missing = [n for n, p in valid.items() if p.default is p.empty and n not in data]
+        if missing:
+            raise SpecError(f"{field_name}.{missing[0]}", None, f"{sched_cls.__name__} needs {', '.join(missing)}",
+                            problem="is missing")
+        return cls(sched_cls, data, interval, frequency, monitor, bool(strict), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict form accepted by :meth:`from_dict`."""
+        out: dict[str, Any] = {"class": f"{self.cls.__module__}.{self.cls.__qualname__}", **self.kwargs,
+                               "interval": self.interval, "frequency": self.frequency}
+        if self.monitor:
+            out["monitor"] = self.monitor
+        if not self.strict:
+            out["strict"] = False
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    def create(self, optimizer: torch.optim.Optimizer, trainer: Any = None, *, name: str | None = None) -> dict:
+        """Instantiate the scheduler on ``optimizer`` and return Lightning's lr-scheduler config dict."""
+        scheduler = self.cls(optimizer, **self.kwargs)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency}
+        if self.name or name:
+            config["name"] = self.name or name
+        if self.monitor:
+            config.update(monitor=self.monitor, strict=self.strict, reduce_on_plateau=True)
+        return config
+
+
+def _resolve_scheduler_class(field_name: str, target: Any) -> type:
+    if isinstance(target, str):
+        module_name, _, attr = target.rpartition(".")
+        if not module_name:
+            module_name = "torch.optim.lr_scheduler"
+        try:
+            target = getattr(__import__(module_name, fromlist=[attr]), attr)
+        except (ImportError, AttributeError):
+            names = [n for n in dir(torch.optim.lr_scheduler) if n.endswith("LR") or n == "ReduceLROnPlateau"]
+            near = closest(attr, names)
+            raise SpecError(field_name, target, (f"did you mean 'torch.optim.lr_scheduler.{near[0]}'? " if near
+                            else "") + "give the full class path", problem="cannot be imported") from None
+    allowed = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if not (inspect.isclass(target) and issubclass(target, allowed)):
+        raise SpecError(field_name, target, "give an LRScheduler or ReduceLROnPlateau subclass",
+                        problem="is not a learning-rate scheduler class")
+    return target
+
+
+def parse_schedule(value: Any, field_name: str = "schedule") -> Any:
+    """Normalise the ``schedule=`` field: None, a kit Schedule, a torch scheduler dict, or a kit schedule dict/name."""
+    if value is None or isinstance(value, TorchScheduleSpec):
+        return value
+    if isinstance(value, Mapping):
+        if "class" in value:
+            return TorchScheduleSpec.from_dict(value, field_name)
+        if "name" in value:
+            from lightning_optkit.schedules import Schedule
+
+            return Schedule.from_dict(value)
+        raise SpecError(field_name, dict(value), "give 'name' for a kit schedule (e.g. name: cosine) or 'class' for a "
+                        "torch scheduler (e.g. class: torch.optim.lr_scheduler.StepLR)",
+                        problem="has neither 'name' nor 'class'")
+    if isinstance(value, str):
+        from lightning_optkit.schedules import Schedule
+
+        return Schedule(value)
+    if hasattr(value, "create") and callable(value.create):
+        return value
+    raise SpecError(field_name, value, "give a Schedule, a schedule name, or a dict", problem="is not a schedule")
+
+
+class OptimizerSpec:
+    """One optimizer: its class, lr, weight decay, parameter groups, no-decay rule, layer decay and schedule.
+
+    ``optimizer`` is a registry name (case-insensitive), a dotted class path or a class. Every extra
+    keyword is an optimizer argument, checked against the class's signature now.
+    """
+
+    def __init__(
+        self,
+        optimizer: str | type,
+        lr: float,
+        weight_decay: float = 0.0,
+        *,
+        params: Selector | None = None,
+        groups: Sequence[ParamGroup | Mapping[str, Any]] = (),
+        no_decay: str | Sequence[str] | None = "auto",
+        layer_decay: Mapping[str, Any] | None = None,
+        schedule: Any = None,
+        name: str | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.optimizer_cls = resolve_optimizer(optimizer)
+        self.optimizer = optimizer
+        label = name or self.optimizer_cls.__name__
+        self.lr = as_number("lr", lr, positive=True)
+        self.weight_decay = as_number("weight_decay", weight_decay, non_negative=True)
+        if params is not None:
+            check_selector("params", params)
+        self.params = params
+        if isinstance(groups, (str, Mapping)) or not isinstance(groups, Sequence):
+            raise SpecError("groups", groups, "give a list of ParamGroup (or dicts)", problem="is not a list")
+        self.groups = [ParamGroup.from_dict(g) for g in groups]
+        names = [g.name for g in self.groups if g.name]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SpecError("groups[].name", sorted(dup)[0], "give every group a unique name", problem="is used twice")
+        if no_decay not in ("auto", None):
+            if isinstance(no_decay, str):
+                no_decay = [no_decay]
+            check_selector("no_decay", list(no_decay))
+        self.no_decay = no_decay
+        self.layer_decay = _check_layer_decay(layer_decay)
+        self.schedule = parse_schedule(schedule)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise SpecError("name", name, "give a non-empty string", problem="is not a valid name")
+        self.name = name
+        self.optimizer_kwargs = self._check_kwargs(label, dict(optimizer_kwargs))
+
+    def _check_kwargs(self, label: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        cls = self.optimizer_cls
+        for reserved in ("params", "groups"):
+            kwargs.pop(reserved, None)
+        check_optimizer_kwargs(cls, kwargs)
+        valid = optimizer_keywords(cls)
+        if "lr" not in valid:
+            raise SpecError("optimizer", self.optimizer, "choose an optimizer that has a learning rate",
+                            problem=f"({cls.__name__}) takes no lr")
+        if self.weight_decay and "weight_decay" not in valid:
+            raise SpecError("weight_decay", self.weight_decay, f"set it to 0: {cls.__name__} has no weight decay",
+                            problem=f"would be ignored by {cls.__name__}")
+        for group in self.groups:
+            if group.weight_decay and "weight_decay" not in valid:
+                raise SpecError(f"groups[{group.name}].weight_decay", group.weight_decay,
+                                f"remove it: {cls.__name__} has no weight decay", problem="would be ignored")
+            check_optimizer_kwargs(cls, group.options)
+            for key, value in list(group.options.items()):
+                group.options[key] = _coerce_kwarg(key, value, valid[key].default)
+        for key, value in list(kwargs.items()):
+            kwargs[key] = _coerce_kwarg(key, value, valid[key].default if key in valid else None)
+        return kwargs
+
+    @property
+    def label(self) -> str:
+        """The optimizer's display name: ``name`` if set, else its class name."""
+        return self.name or self.optimizer_cls.__name__
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | OptimizerSpec) -> OptimizerSpec:
+        """Build from a dict; every key that is not a spec field is an optimizer keyword."""
+        if isinstance(data, OptimizerSpec):
+            return data
+        if not isinstance(data, Mapping):
+            raise SpecError("spec", data, "give a mapping with 'optimizer' and 'lr'", problem="is not a mapping")
+        data = dict(data)
+        for required in ("optimizer", "lr"):
+            if required not in data:
+                raise SpecError(required, None, f"add '{required}:' to the spec", problem="is missing")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> OptimizerSpec | list[OptimizerSpec] | ChainSpec:
+        """Load a spec from a YAML file path or YAML text (a mapping, a list of mappings, or ``chain:``)."""
+        return spec_from_data(load_yaml(path_or_text))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A dict that :meth:`from_dict` accepts (for ``save_hyperparameters`` and YAML)."""
+        opt = self.optimizer if isinstance(self.optimizer, str) else \
+            f"{self.optimizer_cls.__module__}.{self.optimizer_cls.__qualname__}"
+        out: dict[str, Any] = {"optimizer": opt, "lr": self.lr, "weight_decay": self.weight_decay}
+        if self.params is not None:
+            out["params"] = _selector_to_data(self.params)
+        if self.groups:
+            out["groups"] = [g.to_dict() for g in self.groups]
+        if self.no_decay != "auto":
+            out["no_decay"] = self.no_decay
+        if self.layer_decay:
+            out["layer_decay"] = dict(self.layer_decay)
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.to_dict()
+        if self.name:
+            out["name"] = self.name
+        out.update(self.optimizer_kwargs)
+        return out
+
+    def __repr__(self) -> str:
+        return f"OptimizerSpec({self.to_dict()!r})"
+
+
+class ChainSpec:
+    """Several optimizers stepped as one (e.g. Muon for hidden matrices + AdamW for the rest), one schedule.
+
+    The members partition the parameters like a list of specs does, but the result is a single
+    :class:`~lightning_optkit.optim.chained.ChainedOptimizer`, so Lightning's automatic optimization
+    and a single schedule apply. Members may not carry their own schedule.
+    """
+
+    def __init__(self, specs: Sequence[OptimizerSpec | Mapping[str, Any]], *, schedule: Any = None,
+                 name: str | None = None) -> None:
+        if isinstance(specs, Mapping) or not isinstance(specs, Sequence) or len(specs) < 2:
+            raise SpecError("chain", specs, "list two or more optimizer specs", problem="is not a list of >= 2 specs")
+        self.specs = [OptimizerSpec.from_dict(s) for s in specs]
+        for i, spec in enumerate(self.specs):
+            if spec.schedule is not None:
+                raise SpecError(f"chain[{i}].schedule", spec.schedule.to_dict(), "move the schedule to the chain: "
+                                "ChainSpec(..., schedule=...) drives every member", problem="is set on a member")
+        self.schedule = parse_schedule(schedule)
+        self.name = name
+
+    @property
+    def label(self) -> str:
+        """Display name: ``name`` if set, else 'Chained'."""
+        return self.name or "Chained"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict form: ``{"chain": [...], "schedule": ..., "name": ...}``."""
+        out: dict[str, Any] = {"chain": [s.to_dict() for s in self.specs]}
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.to_dict()
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+def _check_layer_decay(layer_decay: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if layer_decay is None:
+        return None
+    if not isinstance(layer_decay, Mapping):
+        raise SpecError("layer_decay", layer_decay, "give {'rate': 0.75, 'depth': 're:blocks\\.(\\d+)\\.'}",
+                        problem="is not a mapping")
+    unknown = set(layer_decay) - {"rate", "depth"}
+    if unknown:
+        raise SpecError(f"layer_decay.{sorted(unknown)[0]}", layer_decay[sorted(unknown)[0]],
+                        "layer_decay takes only 'rate' and 'depth'", problem="is not a layer_decay key")
+    rate = as_number("layer_decay.rate", layer_decay.get("rate"), positive=True)
+    assert rate is not None
+    if rate > 1:
+        raise SpecError("layer_decay.rate", rate, "give a rate in (0, 1]: deeper layers keep more of the lr",
+                        problem="is above 1")
+    depth = layer_decay.get("depth")
+    if not isinstance(depth, str) or not depth.startswith("re:"):
+        raise SpecError("layer_decay.depth", depth, "give a regex with one capture group for the block index, "
+                        "e.g. 're:blocks\\.(\\d+)\\.'", problem="is not a 're:' pattern")
+    try:
+        compiled = re.compile(depth[3:])
+    except re.error as err:
+        raise SpecError("layer_decay.depth", depth, f"fix the regex ({err})", problem="is not a valid regex") from None
+    if compiled.groups != 1:
+        raise SpecError("layer_decay.depth", depth, "use exactly one capture group around the block index",
+                        problem=f"has {compiled.groups} capture groups")
+    return {"rate": rate, "depth": depth}
+
+
+def load_yaml(path_or_text: str | Path) -> Any:
+    """Read YAML from a file path or from text."""
+    text = str(path_or_text)
+    candidate = Path(text)
+    if "\n" not in text and candidate.suffix in (".yaml", ".yml"):
+        if not candidate.exists():
+            raise SpecError("spec file", text, "check the path", problem="does not exist")
+        text = candidate.read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError("spec YAML", text[:60], f"fix the YAML syntax ({err})", problem="cannot be parsed") from None
+
+
+AnySpec = Union[OptimizerSpec, ChainSpec, list]
+
+
+def spec_from_data(data: Any) -> Any:
+    """Normalise anything the mixin accepts into OptimizerSpec, ChainSpec or a list of those."""
+    if isinstance(data, (OptimizerSpec, ChainSpec)):
+        return data
+    if isinstance(data, Mapping):
+        if "optim" in data and len(data) == 1:
+            return spec_from_data(data["optim"])
+        if "chain" in data:
+            rest = dict(data)
+            return ChainSpec(rest.pop("chain"), **rest)
+        return OptimizerSpec.from_dict(data)
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise SpecError("spec", data, "list at least one optimizer", problem="is empty")
+        specs = [spec_from_data(d) for d in data]
+        if len(specs) == 1:
+            return specs[0]
+        return specs
+    raise SpecError("spec", data, "give an OptimizerSpec, a dict, a list of those, or YAML", problem="is not a spec")
+
+
+def spec_to_data(spec: Any) -> Any:
+    """The plain-data form of a spec (for ``save_hyperparameters`` and YAML)."""
+    if isinstance(spec, list):
+        return [spec_to_data(s) for s in spec]
+    return spec.to_dict()

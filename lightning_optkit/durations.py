@@ -66,11 +66,14 @@ def parse_duration(value: Any, *, field: str) -> Duration:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(field, value, f"give {_FORMS}", problem="is not a duration")
     if not math.isfinite(value) or value < 0:
-        raise SpecError(field, value, f"give a non-negative finite duration: {_FORMS}", problem="is out of range")
+        raise SpecError(
+            field, value, f"give a non-negative finite duration: {_FORMS}", problem="is out of range"
+        )
     if isinstance(value, int) or float(value).is_integer():
         if isinstance(value, float) and value == 1.0:
-            raise SpecError(field, value, "write 1 for one step or '100%' for the whole fit",
-                            problem="is ambiguous")
+            raise SpecError(
+                field, value, "write 1 for one step or '100%' for the whole fit", problem="is ambiguous"
+            )
         return Duration("steps", int(value))
     if value < 1.0:
         return Duration("fraction", float(value))
@@ -84,14 +87,22 @@ def resolve_duration(value: Any, *, total_steps: int | None, steps_per_epoch: in
         return int(duration.amount)
     if duration.unit == "epochs":
         if not steps_per_epoch:
-            raise SpecError(field, value, "give the duration in steps (an int or 'Nsteps'), or train with a "
-                            "dataloader whose length is known", problem="counts epochs but the steps per epoch "
-                            "are unknown")
+            raise SpecError(
+                field,
+                value,
+                "give the duration in steps (an int or 'Nsteps'), or train with a "
+                "dataloader whose length is known",
+                problem="counts epochs but the steps per epoch are unknown",
+            )
         return int(duration.amount) * steps_per_epoch
     if total_steps is None:
-        raise SpecError(field, value, "give the duration in steps or epochs ('500steps', '2ep'), or set "
-                        "Trainer(max_steps=...) or a finite max_epochs",
-                        problem="is a fraction of training but the training length is unknown (infinite)")
+        raise SpecError(
+            field,
+            value,
+            "give the duration in steps or epochs ('500steps', '2ep'), or set "
+            "Trainer(max_steps=...) or a finite max_epochs",
+            problem="is a fraction of training but the training length is unknown (infinite)",
+        )
     return math.floor(duration.amount * total_steps + 0.5)
 
 

@@ -16,7 +16,9 @@ import torch
 from lightning_optkit.norms import tensor_norms
 
 __all__ = [
+    "active_scaler",
     "ensure_unscaled",
+    "mark_scaler_skip",
     "grad_params",
     "is_logging_step",
     "is_fused_amp_optimizer",
@@ -116,3 +118,22 @@ def ensure_unscaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> No
     state = scaler._per_optimizer_states[id(raw)]
     if state["stage"].name == "READY":
         scaler.unscale_(raw)
+
+
+def active_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The precision plugin's enabled GradScaler (``16-mixed`` on GPU), else None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def mark_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Make ``scaler.step`` skip this optimizer's step when the 0-d device ``flag`` is true.
+
+    After ``unscale_`` the scaler decides from its recorded per-device ``found_inf`` tensors, so we
+    add the flag to them (on device, no sync). GradScaler exposes no public hook for this, hence the
+    private ``_per_optimizer_states``. As for any inf step, the scale is then backed off once.
+    """
+    raw = getattr(optimizer, "optimizer", optimizer)
+    found = scaler._per_optimizer_states[id(raw)]["found_inf_per_device"]
+    for device, t in found.items():
+        torch.maximum(t, flag.to(device, t.dtype), out=t)

@@ -50,9 +50,15 @@ class Plateau:
         if self.best is None:
             return not math.isnan(value)
         if self.mode == "min":
-            bound = self.best * (1 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold
+            bound = (
+                self.best * (1 - self.threshold)
+                if self.threshold_mode == "rel"
+                else self.best - self.threshold
+            )
             return value < bound
-        bound = self.best * (1 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
+        bound = (
+            self.best * (1 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
+        )
         return value > bound
 
     def update(self, value: float) -> None:
@@ -115,8 +121,16 @@ class MetricReader:
 
     def _check_missing(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = getattr(trainer, "check_val_every_n_epoch", None)
-        if self.strict and every is not None and trainer.current_epoch >= every and not trainer.sanity_checking:
-            raise SpecError("schedule.monitor", self.monitor, "log it with self.log(...) (e.g. in "
-                            "validation_step), or set strict=False to keep the lr until it appears",
-                            problem=f"is not in trainer.callback_metrics after validation "
-                            f"(available: {sorted(metrics)})")
+        if (
+            self.strict
+            and every is not None
+            and trainer.current_epoch >= every
+            and not trainer.sanity_checking
+        ):
+            raise SpecError(
+                "schedule.monitor",
+                self.monitor,
+                "log it with self.log(...) (e.g. in "
+                "validation_step), or set strict=False to keep the lr until it appears",
+                problem=f"is not in trainer.callback_metrics after validation (available: {sorted(metrics)})",
+            )

@@ -78,12 +78,16 @@ def _keyword_params(name: str, obj: Any) -> dict[str, inspect.Parameter]:
     else:
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(positional) < 2:
-            raise TypeError(f"register_schedule({name!r}): the function must take (step, decay_steps, **kwargs)")
+            raise TypeError(
+                f"register_schedule({name!r}): the function must take (step, decay_steps, **kwargs)"
+            )
         params = params[2:]
     out = {}
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise TypeError(f"register_schedule({name!r}): name every keyword; *args/**kwargs cannot be checked")
+            raise TypeError(
+                f"register_schedule({name!r}): name every keyword; *args/**kwargs cannot be checked"
+            )
         if p.name not in RESERVED:
             out[p.name] = p
     return out
@@ -112,7 +116,9 @@ def register_schedule(
             raise TypeError(f"register_schedule({name!r}) expects a function or class, got {obj!r}")
         existing = _SCHEDULES.get(key)
         if existing is not None and existing.shape is not obj and not overwrite:
-            raise ValueError(f"schedule name {name!r} is already registered; pass overwrite=True to replace it")
+            raise ValueError(
+                f"schedule name {name!r} is already registered; pass overwrite=True to replace it"
+            )
         params = _keyword_params(name, obj)
         unknown = [d for d in durations if d not in params]
         if unknown:
@@ -128,8 +134,12 @@ def get_schedule_kind(name: Any, field: str = "schedule.name") -> ScheduleKind:
     if not isinstance(name, str) or name.lower() not in _SCHEDULES:
         near = closest(str(name), _SCHEDULES) if isinstance(name, str) else []
         hint = f"did you mean {near[0]!r}? " if near else ""
-        raise SpecError(field, name, f"{hint}choose one of {sorted(_SCHEDULES)} or add one with "
-                        "lightning_optkit.register_schedule", problem="is not a known schedule")
+        raise SpecError(
+            field,
+            name,
+            f"{hint}choose one of {sorted(_SCHEDULES)} or add one with lightning_optkit.register_schedule",
+            problem="is not a known schedule",
+        )
     return _SCHEDULES[name.lower()]
 
 
@@ -149,24 +159,42 @@ def _require(kwargs: dict[str, Any], key: str, ok: Callable[[Any], bool], fix: s
 
 def _choose(kwargs: dict[str, Any], key: str, choices: Sequence[str]) -> None:
     if key in kwargs and kwargs[key] not in choices:
-        raise SpecError(f"schedule.{key}", kwargs[key], f"choose one of {list(choices)}", problem="is not an option")
+        raise SpecError(
+            f"schedule.{key}", kwargs[key], f"choose one of {list(choices)}", problem="is not an option"
+        )
 
 
 def _positive_gamma(kwargs: dict[str, Any]) -> None:
     _require(kwargs, "gamma", lambda v: v > 0, "give gamma > 0 (e.g. 0.1)")
     _require(kwargs, "step_size", lambda v: v >= 1, "give step_size >= 1 step")
     milestones = kwargs.get("milestones")
-    if "milestones" in kwargs and (isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence)):
-        raise SpecError("schedule.milestones", milestones, "give a list of durations, e.g. [1000, 2000] or "
-                        "['50%', '75%']", problem="is not a list")
-    if milestones and all(isinstance(m, int) for m in milestones) and list(milestones) != sorted(set(milestones)):
-        raise SpecError("schedule.milestones", list(milestones), "list the milestones in increasing order, "
-                        "without repeats", problem="is not increasing")
+    if "milestones" in kwargs and (
+        isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence)
+    ):
+        raise SpecError(
+            "schedule.milestones",
+            milestones,
+            "give a list of durations, e.g. [1000, 2000] or ['50%', '75%']",
+            problem="is not a list",
+        )
+    if (
+        milestones
+        and all(isinstance(m, int) for m in milestones)
+        and list(milestones) != sorted(set(milestones))
+    ):
+        raise SpecError(
+            "schedule.milestones",
+            list(milestones),
+            "list the milestones in increasing order, without repeats",
+            problem="is not increasing",
+        )
 
 
 def _check_restarts(kwargs: dict[str, Any]) -> None:
     _require(kwargs, "period", lambda v: v >= 1, "give period >= 1 step")
-    _require(kwargs, "period_mult", lambda v: v >= 1 and float(v).is_integer(), "give an integer period_mult >= 1")
+    _require(
+        kwargs, "period_mult", lambda v: v >= 1 and float(v).is_integer(), "give an integer period_mult >= 1"
+    )
 
 
 def _check_onecycle(kwargs: dict[str, Any]) -> None:
@@ -179,8 +207,12 @@ def _check_onecycle(kwargs: dict[str, Any]) -> None:
 def _check_plateau(kwargs: dict[str, Any]) -> None:
     monitor = kwargs.get("monitor")
     if not isinstance(monitor, str) or not monitor:
-        raise SpecError("schedule.monitor", monitor, "name the logged metric to watch, e.g. monitor='val_loss'",
-                        problem="is not a metric name")
+        raise SpecError(
+            "schedule.monitor",
+            monitor,
+            "name the logged metric to watch, e.g. monitor='val_loss'",
+            problem="is not a metric name",
+        )
     _choose(kwargs, "mode", ("min", "max"))
     _choose(kwargs, "threshold_mode", ("rel", "abs"))
     _require(kwargs, "factor", lambda v: 0 < v < 1, "give factor in (0, 1), e.g. 0.1")
@@ -218,7 +250,7 @@ def cosine(step: int, decay_steps: int) -> float:
 
 @register_schedule("cosine_restarts", durations=("period",), validate=_check_restarts)
 def cosine_restarts(step: int, decay_steps: int, *, period: int | None = None, period_mult: int = 1) -> float:
-    """Cosine cycles of ``period`` steps (default: one cycle), each ``period_mult`` times longer than the last."""
+    """Cosine cycles of ``period`` steps (default: one cycle), each ``period_mult`` times longer."""
     length = max(1, period or decay_steps)
     if period_mult == 1:
         position = step % length
@@ -237,7 +269,9 @@ def polynomial(step: int, decay_steps: int, *, power: float = 1.0) -> float:
 
 
 @register_schedule("inverse_sqrt", durations=("timescale",), needs_total=False)
-def inverse_sqrt(step: int, decay_steps: int | None, *, timescale: int | None = None, warmup_steps: int = 0) -> float:
+def inverse_sqrt(
+    step: int, decay_steps: int | None, *, timescale: int | None = None, warmup_steps: int = 0
+) -> float:
     """``sqrt(timescale / (step + timescale))``; timescale defaults to the warmup length (or 1 step)."""
     scale = timescale or max(warmup_steps, 1)
     return math.sqrt(scale / (step + scale))
@@ -256,14 +290,23 @@ def step_decay(step: int, decay_steps: int | None, *, step_size: int, gamma: flo
 
 
 @register_schedule("multistep", durations=("milestones",), needs_total=False, validate=_positive_gamma)
-def multistep(step: int, decay_steps: int | None, *, milestones: Sequence[int], gamma: float = 0.1,
-              warmup_steps: int = 0) -> float:
+def multistep(
+    step: int,
+    decay_steps: int | None,
+    *,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+) -> float:
     """``gamma`` at each milestone, counted from the start of training (torch MultiStepLR)."""
     return gamma ** bisect_right(list(milestones), step + warmup_steps)
 
 
-@register_schedule("inverse_time", needs_total=False,
-                   validate=lambda kw: _require(kw, "lr_decay", lambda v: v >= 0, "give lr_decay >= 0"))
+@register_schedule(
+    "inverse_time",
+    needs_total=False,
+    validate=lambda kw: _require(kw, "lr_decay", lambda v: v >= 0, "give lr_decay >= 0"),
+)
 def inverse_time(step: int, decay_steps: int | None, *, lr_decay: float) -> float:
     """``1 / (1 + lr_decay * step)``: Adagrad's ``lr_decay`` for any optimizer."""
     return 1.0 / (1.0 + lr_decay * step)
@@ -274,7 +317,8 @@ _WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 
 @register_schedule("wsd", durations=("decay",), validate=lambda kw: _choose(kw, "decay_shape", _WSD_SHAPES))
 def wsd(step: int, decay_steps: int, *, decay: int | float | str = 0.1, decay_shape: str = "linear") -> float:
-    """Warmup-stable-decay: hold 1.0, then decay over the last ``decay`` of training (linear, cosine or 1-sqrt)."""
+    """Warmup-stable-decay: hold 1.0, then decay over the last ``decay`` (linear, cosine or 1-sqrt)."""
+    decay = min(decay, decay_steps)
     stable = decay_steps - decay
     if step < stable or decay <= 0:
         return 1.0
@@ -293,16 +337,27 @@ def _anneal(start: float, end: float, pct: float, strategy: str) -> float:
 
 
 @register_schedule("onecycle", validate=_check_onecycle, _own_warmup=True)
-def onecycle(step: int, decay_steps: int, *, pct_start: float = 0.3, div_factor: float = 25.0,
-             final_div_factor: float = 1e4, anneal_strategy: str = "cos", three_phase: bool = False) -> float:
+def onecycle(
+    step: int,
+    decay_steps: int,
+    *,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    anneal_strategy: str = "cos",
+    three_phase: bool = False,
+) -> float:
     """The 1cycle policy relative to the group's lr (torch OneCycleLR with max_lr = the group's lr,
     ``cycle_momentum=False``); holds its final value from step ``total - 1`` on."""
     step = min(step, decay_steps - 1)
     initial, peak, final = 1.0 / div_factor, 1.0, 1.0 / (div_factor * final_div_factor)
     rise_end = pct_start * decay_steps - 1
     if three_phase:
-        phases = [(rise_end, initial, peak), (2 * pct_start * decay_steps - 2, peak, initial),
-                  (decay_steps - 1, initial, final)]
+        phases = [
+            (rise_end, initial, peak),
+            (2 * pct_start * decay_steps - 2, peak, initial),
+            (decay_steps - 1, initial, final),
+        ]
     else:
         phases = [(rise_end, initial, peak), (decay_steps - 1, peak, final)]
     start = 0.0
@@ -314,8 +369,18 @@ def onecycle(step: int, decay_steps: int, *, pct_start: float = 0.3, div_factor:
 
 
 @register_schedule("plateau", needs_total=False, validate=_check_plateau)
-def plateau(step: int, decay_steps: int | None, *, monitor: str, mode: str = "min", factor: float = 0.1,
-            patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
-            strict: bool = True) -> float:
-    """ReduceLROnPlateau on ``monitor`` after the warmup; see :class:`~lightning_optkit.schedules.plateau.Plateau`."""
+def plateau(
+    step: int,
+    decay_steps: int | None,
+    *,
+    monitor: str,
+    mode: str = "min",
+    factor: float = 0.1,
+    patience: int = 10,
+    threshold: float = 1e-4,
+    threshold_mode: str = "rel",
+    cooldown: int = 0,
+    strict: bool = True,
+) -> float:
+    """ReduceLROnPlateau on ``monitor``; see :mod:`lightning_optkit.schedules.plateau`."""
     return 1.0

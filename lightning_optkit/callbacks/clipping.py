@@ -1,0 +1,348 @@
+"""GradientClipping: norm, value, AGC and adaptive (z-score, quantile) clipping as a Lightning Callback."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
+from lightning_optkit.callbacks._step_context import (
+    ensure_unscaled,
+    grad_params,
+    is_logging_step,
+    optimizer_index,
+    step_tensor_norms,
+)
+from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.norms import check_norm_type, combine_norms, tensor_norms
+from lightning_optkit.optim.modifiers import AcceptsStepModifiers
+
+__all__ = ["GradientClipping", "CLIP_ALGORITHMS"]
+
+#: The extra keyword arguments each algorithm accepts, with their defaults.
+CLIP_ALGORITHMS: dict[str, dict[str, Any]] = {
+    "norm": {},
+    "value": {},
+    "agc": {"clip_factor": 0.01, "eps": 1e-3},
+    "zscore": {"z_thresh": 2.5, "alpha": 0.97, "warmup_steps": 25},
+    "quantile": {"quantile": 0.9, "history": 1000, "warmup_steps": 25},
+}
+_PER = ("global", "group", "param")
+_EPS = 1e-6  # added to the norm in the coefficient, as torch.nn.utils.clip_grad_norm_ does
+
+
+def clip_coefficient(limit: torch.Tensor | float, norm: torch.Tensor) -> torch.Tensor:
+    """``min(1, limit / (norm + 1e-6))`` as torch computes it, but NaN when ``norm`` is not finite.
+
+    torch gives 0 for an infinite norm, which zeroes finite entries and turns the update into
+    finite garbage; NaN keeps a broken gradient visibly broken, so NonFiniteGuard's skip wins.
+    """
+    coef = torch.clamp(limit / (norm + _EPS), max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.full_like(coef, math.nan))
+
+
+def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) -> None:
+    """``grads[i] *= coefs[i]`` with one foreach launch per (device, dtype) group."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+    for g, c in zip(grads, coefs, strict=True):
+        gs, cs = groups.setdefault((g.device, g.dtype), ([], []))
+        gs.append(g)
+        cs.append(c.to(g.device, g.dtype))
+    for gs, cs in groups.values():
+        torch._foreach_mul_(gs, cs)
+
+
+def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
+    """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), gs in groups.items():
+        torch._foreach_mul_(gs, coef.to(device, dtype))
+
+
+def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """AGC unit-wise norms: per output unit (row/filter) for ndim > 1, whole tensor otherwise."""
+    x = x.detach().float()
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, norm_type)
+    return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _positive(field: str, value: Any, *, integer: bool = False, below_one: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+    if ok and below_one and not value < 1:
+        ok = False
+    if not ok:
+        what = "a positive integer" if integer else ("a number in (0, 1)" if below_one else "a positive number")
+        raise SpecError(field, value, f"pass {what}")
+
+
+class GradientClipping(Callback):
+    """Clip gradients once per optimizer step, after AMP unscaling and gradient accumulation.
+
+    Acts in ``on_before_optimizer_step`` (automatic and manual optimization; in manual
+    optimization each ``opt.step()`` clips that optimizer's own parameters). Do not combine with
+    ``Trainer(gradient_clip_val=...)``: that raises at setup.
+
+    Args:
+        max_norm: The norm limit for ``algorithm="norm"`` (required there). For ``"zscore"`` and
+            ``"quantile"`` an optional limit applied during their warmup.
+        algorithm: ``"norm"`` (torch ``clip_grad_norm_``), ``"value"`` (``clip_grad_value_``),
+            ``"agc"`` (adaptive gradient clipping, Brock et al. 2021: clip each output unit's
+            gradient norm to ``clip_factor * max(unit weight norm, eps)``), ``"zscore"`` (clip the
+            total norm to ``mean + z_thresh * std`` of an EMA of past norms, ZClip-style) or
+            ``"quantile"`` (clip to a running ``quantile`` of the last ``history`` norms, AutoClip).
+        norm_type: The p of the p-norms (``float("inf")`` allowed).
+        max_value: The element-wise limit for ``algorithm="value"`` (required there, only there).
+        per: For ``"norm"``: clip the ``"global"`` norm, each param ``"group"``'s norm, or each
+            ``"param"``'s norm.
+        exclude: Parameter-name patterns (``fnmatch``; ``"head"`` also matches ``"head.*"``) left
+            unclipped and outside the norm, e.g. the classifier head for AGC. Each must match.
+        **algorithm_kwargs: Per algorithm (defaults in :data:`CLIP_ALGORITHMS`): agc
+            ``clip_factor=0.01, eps=1e-3``; zscore ``z_thresh=2.5, alpha=0.97, warmup_steps=25``;
+            quantile ``quantile=0.9, history=1000, warmup_steps=25``. Others are rejected.
+
+    Logged every logging step (``log_every_n_steps``) through ``pl_module.log``:
+    ``grad_clip/total_norm`` (pre-clip total norm), ``grad_clip/clip_coef`` (coefficient applied;
+    1.0 when not clipped; for ``value``/``agc``/per-group/per-param it is the ratio of post- to
+    pre-clip total norm) and, for zscore/quantile, ``grad_clip/threshold``. With several optimizers
+    every key gets the suffix ``_opt{i}`` (``i`` = index in ``trainer.optimizers``).
+
+    Attributes ``last_total_norm`` and ``last_clip_coef`` hold the latest values as 0-d device
+    tensors (``last_clip_coef`` for ``value``/``agc`` is refreshed on logging steps only, as it
+    needs an extra norm pass). A non-finite norm gives a NaN coefficient, never a finite one.
+
+    Costs no host sync on non-logging steps. For kit optimizers implementing
+    ``AcceptsStepModifiers`` a single global coefficient is handed over with
+    ``defer_grad_scale`` (no extra pass over the gradients); otherwise ``torch._foreach_mul_``.
+    The adaptive state (zscore/quantile) is saved in and restored from checkpoints.
+    """
+
+    def __init__(self, max_norm: float | None = None, *, algorithm: str = "norm", norm_type: float = 2.0,
+                 max_value: float | None = None, per: str = "global", exclude: Sequence[str] = (),
+                 **algorithm_kwargs: Any) -> None:
+        if algorithm not in CLIP_ALGORITHMS:
+            hint = closest(str(algorithm), CLIP_ALGORITHMS)
+            fix = (f"did you mean {hint[0]!r}? " if hint else "") + f"use one of {sorted(CLIP_ALGORITHMS)}"
+            raise SpecError("algorithm", algorithm, fix, problem="is not a clipping algorithm")
+        try:
+            self.norm_type = check_norm_type(norm_type)
+        except (TypeError, ValueError):
+            raise SpecError("norm_type", norm_type, "pass a positive p (e.g. 2.0) or float('inf')") from None
+        if algorithm == "norm" and max_norm is None:
+            raise SpecError("max_norm", None, "pass max_norm=<positive float> for algorithm='norm'",
+                            problem="is required for algorithm='norm'")
+        if algorithm in ("value", "agc") and max_norm is not None:
+            raise SpecError("max_norm", max_norm, f"drop max_norm: algorithm={algorithm!r} does not use it"
+                            + (" (set max_value)" if algorithm == "value" else " (set clip_factor)"),
+                            problem=f"is not used by algorithm={algorithm!r}")
+        if max_norm is not None:
+            _positive("max_norm", max_norm)
+        if algorithm == "value":
+            if max_value is None:
+                raise SpecError("max_value", None, "pass max_value=<positive float> for algorithm='value'",
+                                problem="is required for algorithm='value'")
+            _positive("max_value", max_value)
+        elif max_value is not None:
+            raise SpecError("max_value", max_value, "drop max_value or use algorithm='value'",
+                            problem=f"is not used by algorithm={algorithm!r}")
+        if per not in _PER:
+            raise SpecError("per", per, f"use one of {list(_PER)}")
+        if per != "global" and algorithm != "norm":
+            raise SpecError("per", per, "drop per= (only algorithm='norm' clips per group or per param)",
+                            problem=f"is not used by algorithm={algorithm!r}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise SpecError("exclude", exclude, "pass a sequence of parameter-name patterns, e.g. ('head',)")
+        allowed = CLIP_ALGORITHMS[algorithm]
+        unknown = sorted(set(algorithm_kwargs) - set(allowed))
+        if unknown:
+            hint = closest(unknown[0], allowed)
+            fix = (f"did you mean {hint[0]!r}? " if hint else "") + (
+                f"algorithm={algorithm!r} accepts {sorted(allowed)}" if allowed
+                else f"algorithm={algorithm!r} takes no extra keyword arguments")
+            raise SpecError(unknown[0], algorithm_kwargs[unknown[0]], fix,
+                            problem=f"is not an argument of algorithm={algorithm!r}")
+        opts = {**allowed, **algorithm_kwargs}
+        for key in ("clip_factor", "eps", "z_thresh"):
+            if key in opts:
+                _positive(key, opts[key])
+        for key in ("warmup_steps", "history"):
+            if key in opts:
+                _positive(key, opts[key], integer=True)
+        for key in ("alpha", "quantile"):
+            if key in opts:
+                _positive(key, opts[key], below_one=True)
+        if algorithm == "quantile" and opts["warmup_steps"] > opts["history"]:
+            raise SpecError("warmup_steps", opts["warmup_steps"], f"use warmup_steps <= history={opts['history']}")
+
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.algorithm = algorithm
+        self.max_value = None if max_value is None else float(max_value)
+        self.per = per
+        self.exclude = tuple(exclude)
+        self.options = opts
+        self.last_total_norm: torch.Tensor | None = None
+        self.last_clip_coef: torch.Tensor | None = None
+        self.last_threshold: torch.Tensor | None = None
+        self._states: dict[int, RunningNormStats | NormHistory] = {}
+        self._excluded_ids: frozenset[int] = frozenset()
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key, distinct per configuration so several instances can coexist."""
+        return self._generate_state_key(algorithm=self.algorithm, max_norm=self.max_norm,
+                                        max_value=self.max_value, per=self.per, exclude=self.exclude)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse ``Trainer(gradient_clip_val=...)`` and resolve ``exclude`` patterns to parameters."""
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        if clip_val is not None and clip_val != 0:
+            raise SpecError("Trainer(gradient_clip_val)", clip_val,
+                            "pick one: remove gradient_clip_val from the Trainer, or remove the GradientClipping "
+                            "callback", problem="clips gradients a second time alongside GradientClipping")
+        if getattr(trainer, "gradient_clip_algorithm", None) is not None:
+            raise SpecError("Trainer(gradient_clip_algorithm)", str(trainer.gradient_clip_algorithm),
+                            "remove gradient_clip_algorithm from the Trainer; GradientClipping(algorithm=...) "
+                            "chooses the algorithm", problem="conflicts with GradientClipping")
+        excluded: set[int] = set()
+        for pattern in self.exclude:
+            hits = [p for name, p in pl_module.named_parameters()
+                    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")]
+            if not hits:
+                names = [n for n, _ in pl_module.named_parameters()]
+                hint = closest(pattern, names)
+                raise SpecError("exclude", pattern, (f"did you mean {hint[0]!r}? " if hint else "")
+                                + "use a pattern matching parameter names of the LightningModule",
+                                problem="matches no parameter")
+            excluded.update(id(p) for p in hits)
+        self._excluded_ids = frozenset(excluded)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Compute the pre-clip norm, clip, record and (on logging steps) log."""
+        ensure_unscaled(trainer, optimizer)
+        params = grad_params(optimizer, self._excluded_ids)
+        if not params:
+            return
+        device = params[0].grad.device
+        norms = step_tensor_norms(trainer, optimizer, params, self.norm_type)
+        total = combine_norms(norms, self.norm_type, device)
+        logging = is_logging_step(trainer)
+        idx = optimizer_index(trainer, optimizer)
+        raw = getattr(optimizer, "optimizer", optimizer)
+        grads = [p.grad for p in params]
+        threshold = None
+
+        if self.algorithm == "norm" and self.per == "global":
+            coef = clip_coefficient(self.max_norm, total)
+            self._apply_global(raw, grads, coef)
+        elif self.algorithm == "norm":
+            if self.per == "param":
+                coefs = [clip_coefficient(self.max_norm, n) for n in norms]
+            else:
+                coefs = self._group_coefs(raw, params, norms, device)
+            _mul_grads_(grads, coefs)
+            post = combine_norms([c * n for c, n in zip(coefs, norms, strict=True)], self.norm_type, device)
+            coef = post / (total + _EPS)
+        elif self.algorithm in ("zscore", "quantile"):
+            threshold = self._adaptive_threshold(idx, total, device)
+            coef = clip_coefficient(threshold, total)
+            self._apply_global(raw, grads, coef)
+        else:  # value, agc: element/unit-wise, the effective coefficient needs a post-clip norm
+            if self.algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, self.max_value)
+            else:
+                self._agc(params)
+            coef = None
+            if logging or self.last_clip_coef is None:
+                post = combine_norms(tensor_norms(grads, self.norm_type), self.norm_type, device)
+                coef = torch.where(torch.isfinite(total), post / (total + _EPS), torch.full_like(total, math.nan))
+
+        self.last_total_norm = total
+        if coef is not None:
+            self.last_clip_coef = coef
+        self.last_threshold = threshold
+        if logging:
+            suffix = f"_opt{idx}" if len(trainer.optimizers) > 1 else ""
+            pl_module.log(f"grad_clip/total_norm{suffix}", total, on_step=True, on_epoch=False)
+            pl_module.log(f"grad_clip/clip_coef{suffix}", self.last_clip_coef, on_step=True, on_epoch=False)
+            if threshold is not None:
+                pl_module.log(f"grad_clip/threshold{suffix}", threshold, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ algorithms
+    def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+        if isinstance(raw, AcceptsStepModifiers) and not self._excluded_ids:
+            raw.defer_grad_scale(coef)  # applied inside the kit optimizer's update, no extra pass
+        else:
+            _scale_grads_(grads, coef)
+
+    def _group_coefs(self, raw: torch.optim.Optimizer, params: list[torch.Tensor],
+                     norms: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        where = {id(p): i for i, p in enumerate(params)}
+        coefs: list[torch.Tensor | None] = [None] * len(params)
+        for group in raw.param_groups:
+            members = [where[id(p)] for p in group["params"] if id(p) in where]
+            if not members:
+                continue
+            group_norm = combine_norms([norms[i] for i in members], self.norm_type, device)
+            c = clip_coefficient(self.max_norm, group_norm)
+            for i in members:
+                if coefs[i] is None:
+                    coefs[i] = c
+        return coefs  # type: ignore[return-value]
+
+    def _agc(self, params: list[torch.Tensor]) -> None:
+        factor, eps = self.options["clip_factor"], self.options["eps"]
+        for p in params:
+            g = p.grad
+            limit = _unit_norms(p, self.norm_type).clamp_min(eps) * factor
+            gnorm = _unit_norms(g, self.norm_type)
+            scale = torch.clamp(limit / gnorm.clamp_min(_EPS), max=1.0)
+            g.mul_(scale.to(g.dtype))
+
+    def _adaptive_threshold(self, idx: int, total: torch.Tensor, device: torch.device) -> torch.Tensor:
+        state = self._states.get(idx)
+        if state is None:
+            state = self._new_state()
+            self._states[idx] = state
+        fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device)
+        if isinstance(state, RunningNormStats):
+            threshold = torch.where(state.ready(device), state.upper(self.options["z_thresh"], device), fallback)
+            state.update(torch.minimum(total, threshold))  # spikes enter the EMA clipped, as in ZClip
+        else:
+            threshold = torch.where(state.ready(device), state.value(device), fallback)
+            state.update(total)
+        return threshold
+
+    def _new_state(self) -> RunningNormStats | NormHistory:
+        o = self.options
+        if self.algorithm == "zscore":
+            return RunningNormStats(alpha=o["alpha"], warmup=o["warmup_steps"])
+        return NormHistory(length=o["history"], quantile=o["quantile"], warmup=o["warmup_steps"])
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Adaptive state per optimizer index (zscore: EMA mean/var/count; quantile: history)."""
+        return {"algorithm": self.algorithm, "states": {i: s.state_dict() for i, s in self._states.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the adaptive state saved by :meth:`state_dict`."""
+        if state_dict.get("algorithm") != self.algorithm:
+            raise ValueError(f"checkpoint holds GradientClipping(algorithm={state_dict.get('algorithm')!r}) state, "
+                             f"this callback uses algorithm={self.algorithm!r}. Fix: resume with the same algorithm.")
+        self._states = {}
+        for i, s in state_dict.get("states", {}).items():
+            state = self._new_state()
+            state.load_state_dict(s)
+            self._states[int(i)] = state

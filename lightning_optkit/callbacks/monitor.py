@@ -1,0 +1,454 @@
+"""OptimizerMonitor: learning rates, gradient/parameter/update norms, logged every N optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_optkit.callbacks._step_context import ensure_unscaled, grad_params, step_tensor_norms
+from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.norms import tensor_norms
+
+__all__ = ["OptimizerMonitor"]
+
+NORM_NAMES = ("grad", "param", "update")
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own logging uses for the current training batch.
+
+    Lightning's logger connector (``self.log``) and its LearningRateMonitor both log against
+    ``fit_loop.epoch_loop._batches_that_stepped``, which counts batches that stepped (once per batch,
+    whatever the number of optimizers). There is no public equivalent (``trainer.global_step`` counts
+    every optimizer's steps in manual optimization), so the private read is isolated here.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def _find_clipping_callback(trainer: pl.Trainer) -> Callback | None:
+    """The first callback exposing ``last_total_norm`` and ``last_clip_coef`` (e.g. GradientClipping).
+
+    Detected by attribute names, so this module does not import the clipping callback.
+    """
+    for cb in trainer.callbacks:
+        if hasattr(cb, "last_total_norm") and hasattr(cb, "last_clip_coef"):
+            return cb
+    return None
+
+
+def _run_before(callbacks: list[Callback], first: Callback, other: Callback) -> None:
+    """Move ``first`` just ahead of ``other`` in the Trainer's callback list, if it is behind it.
+
+    Called from a ``setup`` hook, i.e. while Lightning iterates this very list: moving the current
+    callback to an earlier index leaves every later index unchanged, so no callback is skipped or
+    called twice.
+    """
+    i, j = callbacks.index(first), callbacks.index(other)
+    if i > j:
+        callbacks.insert(j, callbacks.pop(i))
+
+
+def _layer_name(param_name: str, depth: int) -> str:
+    """``encoder.layers.0.weight`` -> ``encoder.layers`` (depth 2); a root-level parameter keeps its name."""
+    module_path = param_name.split(".")[:-1]
+    return ".".join(module_path[:depth]) if module_path else param_name
+
+
+def _optimizer_names(optimizers: Sequence[Any]) -> list[str]:
+    """Class names; repeats of a class get ``-1``, ``-2``... (``Adam``, ``Adam-1``), as LearningRateMonitor."""
+    seen: dict[str, int] = {}
+    names = []
+    for opt in optimizers:
+        cls = type(getattr(opt, "optimizer", opt)).__name__
+        count = seen.get(cls, 0)
+        seen[cls] = count + 1
+        names.append(cls if count == 0 else f"{cls}-{count}")
+    return names
+
+
+def _norm2(values: Iterable[float]) -> float:
+    """2-norm of a vector given its parts' 2-norms, accumulated in float64."""
+    return math.sqrt(math.fsum(v * v for v in values))
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+@dataclass
+class _Plan:
+    """How one optimizer is reported: its key scope, group names and each parameter's layer."""
+
+    optimizer: Any
+    scope: str  # "" with one optimizer, else "<name>/"
+    group_keys: list[str]
+    params: list[torch.Tensor]
+    layer_of: dict[int, str]  # id(param) -> layer name
+    signature: tuple[int, ...]
+
+
+@dataclass
+class _PendingStep:
+    """Device tensors recorded at one logging optimizer step, resolved at ``on_train_batch_end``."""
+
+    plan: _Plan
+    hparams: dict[str, float | torch.Tensor]
+    grad_layers: list[str] = field(default_factory=list)
+    grad_norms: list[torch.Tensor] = field(default_factory=list)
+    param_norms: list[torch.Tensor] = field(default_factory=list)
+    snapshot: list[torch.Tensor] | None = None
+    clip_coef: torch.Tensor | None = None
+
+
+class _OneTransfer:
+    """Collects 0-d device tensors and moves them to the host in one ``tolist()``."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._values: list[float] = []
+
+    def add(self, tensors: Sequence[torch.Tensor]) -> slice:
+        start = len(self._tensors)
+        self._tensors.extend(tensors)
+        return slice(start, len(self._tensors))
+
+    def fetch(self) -> None:
+        if not self._tensors:
+            return
+        device = self._tensors[0].device
+        parts = [t if (t.device == device and t.dtype == torch.float32) else t.to(device, torch.float32)
+                 for t in self._tensors]
+        self._values = torch.stack([p.reshape(()) for p in parts]).tolist()  # the single D2H transfer
+
+    def get(self, where: slice) -> list[float]:
+        return self._values[where]
+
+
+def _validated_norms(norms: Sequence[str] | str) -> tuple[str, ...]:
+    names = (norms,) if isinstance(norms, str) else tuple(norms)
+    for name in names:
+        if name not in NORM_NAMES:
+            hint = closest(str(name), NORM_NAMES)
+            raise SpecError("norms", norms, f"use a subset of {NORM_NAMES}"
+                            + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                            problem=f"contains the unknown norm {name!r}")
+    return tuple(n for n in NORM_NAMES if n in names)
+
+
+class OptimizerMonitor(Callback):
+    """Log learning rates and gradient, parameter and update norms through the Trainer's loggers.
+
+    Every ``every_n_steps`` optimizer steps (default: ``Trainer(log_every_n_steps)``), on the same
+    batches and step axis as Lightning's own ``self.log`` rows. Norms are 2-norms computed with batched
+    foreach kernels, kept on device, and moved to the host in one transfer per logging step; steps that
+    do not log cost no host sync, no kernel and no extra memory. Update norms need the parameters from
+    before the step, so they are copied, on logging steps only (one extra copy of the parameters, freed
+    at the end of the batch). Works with automatic and manual optimization (several optimizers) and
+    with gradient accumulation (norms of the accumulated gradient, once per optimizer step). Under DDP
+    the gradients seen are the reduced ones; only global rank 0 computes and logs (no collectives).
+    Norms of sharded strategies (FSDP, DeepSpeed) would be per-shard and are not supported.
+
+    Args:
+        every_n_steps: log every N optimizer steps (batches that stepped); None: the Trainer's
+            ``log_every_n_steps``.
+        per_layer: also log norms per layer: parameters aggregated by module path, cut to
+            ``layer_depth`` dotted components (``encoder.layers.0.weight`` -> ``encoder.layers`` at
+            depth 2; a parameter held by the root module is its own layer).
+        layer_depth: see ``per_layer``.
+        norms: which norms to log, a subset of ``("grad", "param", "update")``.
+        momentum: also log momentum (``momentum``, or ``betas[0]`` for Adam-like optimizers).
+        histograms: also log a ``wandb.Histogram`` of the per-layer gradient norms (needs a
+            WandbLogger, ``per_layer=True`` and ``"grad"`` in ``norms``).
+
+    Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...).
+    An optimizer is named by its class; several of one class are ``Adam``, ``Adam-1``, ``Adam-2``...
+    ``<s>`` below is ``<group>`` with one optimizer and ``<optimizer>/<group>`` with several;
+    ``<o>`` is empty with one optimizer and ``<optimizer>/`` with several.
+
+    ===================================  ===========================================================
+    Key                                  Value
+    ===================================  ===========================================================
+    ``lr/<s>``                           learning rate the logged step used
+    ``momentum/<s>``                     momentum or beta1 (``momentum=True``, if the group has one)
+    ``weight_decay/<s>``                 weight decay (if the group has one)
+    ``grad_norm/<o>total``               total gradient norm, before clipping (unscaled, accumulated)
+    ``grad_norm/<o>total_clipped``       total gradient norm after clipping (GradientClipping only)
+    ``grad_norm/<o>clip_coef``           the clip coefficient applied (GradientClipping only)
+    ``param_norm/<o>total``              parameter norm before the step
+    ``update_norm/<o>total``             norm of the change the step made to the parameters
+    ``update_ratio/<o>total``            ``update_norm / param_norm``
+    ``grad_norm/layer/<layer>``          per-layer gradient norm, before clipping (``per_layer``)
+    ``param_norm/layer/<layer>``         per-layer parameter norm before the step (``per_layer``)
+    ``update_norm/layer/<layer>``        per-layer update norm (``per_layer``)
+    ``update_ratio/layer/<layer>``       per-layer ``update_norm / param_norm`` (``per_layer``)
+    ``grad_norm/layer_histogram``        ``wandb.Histogram`` of per-layer grad norms (``histograms``)
+    ===================================  ===========================================================
+
+    Gradient norms are pre-clip whatever the callback order: at setup the monitor moves itself just
+    ahead of a gradient-clipping callback (one exposing ``last_total_norm`` and ``last_clip_coef``,
+    e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here. If an optimizer steps several times in one batch (manual
+    optimization), its first step is reported and the update is the change over the whole batch.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        *,
+        per_layer: bool = True,
+        layer_depth: int = 2,
+        norms: Sequence[str] | str = NORM_NAMES,
+        momentum: bool = True,
+        histograms: bool = False,
+    ) -> None:
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise SpecError("every_n_steps", every_n_steps,
+                            "pass an integer >= 1, or None to follow Trainer(log_every_n_steps)",
+                            problem="must be a positive integer or None")
+        if isinstance(layer_depth, bool) or not isinstance(layer_depth, int) or layer_depth < 1:
+            raise SpecError("layer_depth", layer_depth, "pass an integer >= 1 (1 groups by top-level module)",
+                            problem="must be a positive integer")
+        for flag_name, flag in (("per_layer", per_layer), ("momentum", momentum), ("histograms", histograms)):
+            if not isinstance(flag, bool):
+                raise SpecError(flag_name, flag, "pass True or False", problem="must be a bool")
+        self.norms = _validated_norms(norms)
+        if histograms and not (per_layer and "grad" in self.norms):
+            raise SpecError("histograms", histograms,
+                            "set per_layer=True and keep 'grad' in norms, or set histograms=False",
+                            problem=f"needs per-layer grad norms (per_layer={per_layer}, norms={self.norms})")
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.layer_depth = layer_depth
+        self.momentum = momentum
+        self.histograms = histograms
+
+        self._every: int = 0  # resolved at setup; 0 means never
+        self._active = False  # False on non-zero ranks and when logging is off
+        self._plans: dict[int, _Plan] = {}  # id(raw optimizer) -> plan
+        self._names: dict[int, str] = {}  # id(param) -> full parameter name
+        self._pending: dict[int, _PendingStep] = {}
+        self._clip: Callback | None = None
+        self._awaiting_clip: _PendingStep | None = None
+        self._wandb_loggers: list[Any] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the logging period, check the loggers and find a clipping callback."""
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise SpecError("Trainer(logger)", False, "give the Trainer a logger (e.g. WandbLogger) or remove "
+                            "OptimizerMonitor", problem="leaves OptimizerMonitor with nowhere to log")
+        from lightning.pytorch.loggers import WandbLogger
+
+        self._wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if self.histograms and not self._wandb_loggers:
+            found = [type(lg).__name__ for lg in trainer.loggers]
+            raise SpecError("histograms", True, "add a WandbLogger to the Trainer's loggers or set histograms=False",
+                            problem=f"needs a WandbLogger, but the Trainer's loggers are {found}")
+        self._every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
+        if self._every < 1:
+            rank_zero_warn("OptimizerMonitor(every_n_steps=None) follows Trainer(log_every_n_steps=0), which "
+                           "turns logging off: the monitor will log nothing. Pass every_n_steps to log anyway.")
+        self._active = trainer.global_rank == 0 and self._every >= 1
+        self._clip = _find_clipping_callback(trainer)
+        if self._clip is not None:
+            _run_before(trainer.callbacks, self, self._clip)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Name every optimizer, group and parameter (host-side, once)."""
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._plans = {}
+        names = _optimizer_names(trainer.optimizers)
+        several = len(trainer.optimizers) > 1
+        for opt, name in zip(trainer.optimizers, names, strict=True):
+            self._plans[id(opt)] = self._make_plan(opt, f"{name}/" if several else "")
+
+    def _make_plan(self, optimizer: Any, scope: str) -> _Plan:
+        group_keys = [str(g.get("name", f"pg{i}")) for i, g in enumerate(optimizer.param_groups)]
+        if len(set(group_keys)) != len(group_keys):
+            raise SpecError("param_groups names", group_keys, "give every param group of one optimizer a "
+                            "distinct 'name'", problem=f"repeat a name in {type(optimizer).__name__}, so "
+                            "OptimizerMonitor keys would collide")
+        params: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        layer_of = {
+            id(p): _layer_name(self._names[id(p)], self.layer_depth) if id(p) in self._names else "unregistered"
+            for p in params
+        }
+        signature = tuple(len(g["params"]) for g in optimizer.param_groups)
+        return _Plan(optimizer, scope, [f"{scope}{k}" for k in group_keys], params, layer_of, signature)
+
+    def _plan_for(self, optimizer: Any) -> _Plan:
+        plan = self._plans.get(id(optimizer))
+        if plan is None or plan.signature != tuple(len(g["params"]) for g in optimizer.param_groups):
+            scope = plan.scope if plan is not None else ""
+            plan = self._plans[id(optimizer)] = self._make_plan(optimizer, scope)
+        return plan
+
+    # ------------------------------------------------------------------ per step
+    def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
+        return self._active and (_logger_step(trainer) + 1) % self._every == 0
+
+    def _hparams(self, plan: _Plan) -> dict[str, float | torch.Tensor]:
+        out: dict[str, float | torch.Tensor] = {}
+        for key, group in zip(plan.group_keys, plan.optimizer.param_groups, strict=True):
+            out[f"lr/{key}"] = group["lr"]
+            if self.momentum:
+                if "betas" in group:
+                    out[f"momentum/{key}"] = group["betas"][0]
+                elif "momentum" in group:
+                    out[f"momentum/{key}"] = group["momentum"]
+            if "weight_decay" in group:
+                out[f"weight_decay/{key}"] = group["weight_decay"]
+        return out
+
+    def _harvest_clip(self) -> None:
+        """Attach the clip coefficient of the step recorded last (the clipping callback ran since)."""
+        pending, self._awaiting_clip = self._awaiting_clip, None
+        if pending is not None and self._clip is not None:
+            coef = getattr(self._clip, "last_clip_coef", None)
+            if isinstance(coef, torch.Tensor):
+                pending.clip_coef = coef.detach().clone()  # the callback may update it in place later
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Drop anything left over from an interrupted batch."""
+        if self._pending:
+            self._pending.clear()
+            self._awaiting_clip = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """On logging steps: record grad and param norms and snapshot the parameters (all on device)."""
+        if not self._is_logging_batch(trainer):
+            return
+        raw = getattr(optimizer, "optimizer", optimizer)
+        self._harvest_clip()  # the clipping callback has run for the previously recorded step
+        if id(raw) in self._pending:
+            return
+        plan = self._plan_for(raw)
+        pending = _PendingStep(plan, self._hparams(plan))
+        with torch.no_grad():
+            if "grad" in self.norms:
+                ensure_unscaled(trainer, optimizer)
+                with_grad = grad_params(raw)
+                # cached for GradientClipping, which runs after us (see setup) and reuses them
+                pending.grad_norms = step_tensor_norms(trainer, raw, with_grad, 2.0)
+                pending.grad_layers = [plan.layer_of.get(id(p), "unregistered") for p in with_grad]
+            if "param" in self.norms or "update" in self.norms:
+                pending.param_norms = tensor_norms(plan.params, 2.0)
+            if "update" in self.norms:
+                pending.snapshot = [p.detach().clone() for p in plan.params]
+        self._pending[id(raw)] = pending
+        if self._clip is not None:
+            self._awaiting_clip = pending
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """After the step(s) of a logging batch: update norms, one host transfer, one logged row."""
+        if not self._pending:
+            return
+        self._harvest_clip()
+        pending = list(self._pending.values())
+        self._pending.clear()
+        with torch.no_grad():
+            metrics, histogram_values = self._resolve(pending, trainer)
+        self._log(trainer, metrics, histogram_values)
+
+    def _resolve(self, pending: list[_PendingStep], trainer: pl.Trainer) -> tuple[dict[str, float], list[float]]:
+        transfer = _OneTransfer()
+        slots = []
+        hparams: dict[str, float | torch.Tensor] = {}
+        stepped = {id(p.plan.optimizer) for p in pending}
+        for opt in trainer.optimizers:  # optimizers that did not step in this batch: their current values
+            if id(opt) not in stepped:
+                hparams.update(self._hparams(self._plan_for(opt)))
+        for p in pending:
+            hparams.update(p.hparams)
+            update_norms: list[torch.Tensor] = []
+            if p.snapshot is not None:
+                torch._foreach_sub_(p.snapshot, [q.detach() for q in p.plan.params])  # before - after
+                update_norms = tensor_norms(p.snapshot, 2.0)
+                p.snapshot = None
+            slots.append((
+                p,
+                transfer.add(p.grad_norms),
+                transfer.add(p.param_norms),
+                transfer.add(update_norms),
+                transfer.add([p.clip_coef] if p.clip_coef is not None else []),
+            ))
+        tensor_hparams = {k: v for k, v in hparams.items() if isinstance(v, torch.Tensor)}
+        hp_slot = transfer.add([v.detach() for v in tensor_hparams.values()])
+        transfer.fetch()
+
+        metrics: dict[str, float] = {
+            k: float(v) for k, v in hparams.items() if not isinstance(v, torch.Tensor)
+        }
+        metrics.update(zip(tensor_hparams, transfer.get(hp_slot), strict=True))
+        layer_grad: dict[str, list[float]] = {}
+        layer_param: dict[str, list[float]] = {}
+        layer_update: dict[str, list[float]] = {}
+        for p, g_slot, p_slot, u_slot, c_slot in slots:
+            scope = p.plan.scope
+            grads, params, updates, coef = (transfer.get(s) for s in (g_slot, p_slot, u_slot, c_slot))
+            param_layers = [p.plan.layer_of[id(q)] for q in p.plan.params]
+            if "grad" in self.norms:
+                total = _norm2(grads)
+                metrics[f"grad_norm/{scope}total"] = total
+                if coef:
+                    metrics[f"grad_norm/{scope}total_clipped"] = total * coef[0]
+                    metrics[f"grad_norm/{scope}clip_coef"] = coef[0]
+                for layer, v in zip(p.grad_layers, grads, strict=True):
+                    layer_grad.setdefault(layer, []).append(v)
+            if params:
+                param_total = _norm2(params)
+                if "param" in self.norms:
+                    metrics[f"param_norm/{scope}total"] = param_total
+                for layer, v in zip(param_layers, params, strict=True):
+                    layer_param.setdefault(layer, []).append(v)
+            if updates:
+                update_total = _norm2(updates)
+                metrics[f"update_norm/{scope}total"] = update_total
+                metrics[f"update_ratio/{scope}total"] = _ratio(update_total, param_total)
+                for layer, v in zip(param_layers, updates, strict=True):
+                    layer_update.setdefault(layer, []).append(v)
+        histogram_values: list[float] = []
+        if self.per_layer:
+            for layer, vals in layer_grad.items():
+                metrics[f"grad_norm/layer/{layer}"] = _norm2(vals)
+                histogram_values.append(metrics[f"grad_norm/layer/{layer}"])
+            if "param" in self.norms:
+                for layer, vals in layer_param.items():
+                    metrics[f"param_norm/layer/{layer}"] = _norm2(vals)
+            for layer, vals in layer_update.items():
+                u = metrics[f"update_norm/layer/{layer}"] = _norm2(vals)
+                metrics[f"update_ratio/layer/{layer}"] = _ratio(u, _norm2(layer_param.get(layer, [])))
+        return metrics, histogram_values
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
+        step = _logger_step(trainer)
+        extra: dict[str, Any] = {}
+        if self.histograms and histogram_values:
+            import wandb
+
+            extra["grad_norm/layer_histogram"] = wandb.Histogram(histogram_values)
+        for logger in trainer.loggers:
+            row = {**metrics, **extra} if (extra and logger in self._wandb_loggers) else metrics
+            logger.log_metrics(row, step=step)

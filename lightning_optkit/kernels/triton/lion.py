@@ -1,0 +1,67 @@
+"""Lion (sign of interpolated momentum, decoupled weight decay) as one Triton launch per tensor group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton.language as tl
+
+from lightning_optkit.kernels.triton.build import device_kernel
+from lightning_optkit.kernels.triton.common import NUM_WARPS, device_scalar, optional_scalar
+from lightning_optkit.kernels.triton.tables import chunk_table, pointer_table
+
+
+@device_kernel
+def _lion_kernel(
+    state_ptrs, grad_ptrs, numels, chunk_tensor, chunk_start, n_tensors,
+    lr_ptr, mult_ptr, skip_ptr, beta1, beta2, weight_decay,
+    P_REF, S_REF,
+    HAS_MULT: tl.constexpr, HAS_SKIP: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    if HAS_SKIP:
+        mask = mask & (tl.load(skip_ptr) == 0.0)
+    p_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
+    m_ptr = tl.load(state_ptrs + n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
+    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        g = g * tl.load(mult_ptr)
+    if MAXIMIZE:
+        g = -g
+    lr = tl.load(lr_ptr)
+    mix = beta1 * m + (1.0 - beta1) * g
+    direction = tl.where(mix > 0.0, 1.0, tl.where(mix < 0.0, -1.0, 0.0))
+    p = p * (1.0 - lr * weight_decay) - lr * direction
+    m = beta2 * m + (1.0 - beta2) * g
+    tl.store(p_ptr + offs, p.to(P_REF.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty), mask=mask)
+
+
+def triton_lion(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor], *,
+    lr: float | torch.Tensor, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    grad_scale: torch.Tensor | None, skip: torch.Tensor | None,
+) -> None:
+    """One launch over contiguous same-dtype, same-device tensors."""
+    device = params[0].device
+    lr_t = device_scalar(lr, device)
+    mult, has_mult = optional_scalar(grad_scale, device, lr_t)
+    skip_t, has_skip = optional_scalar(skip, device, lr_t)
+    state_ptrs = pointer_table([params, exp_avgs], device)
+    grad_ptrs = pointer_table([grads], device)
+    chunks = chunk_table([p.numel() for p in params], device)
+    _lion_kernel.for_device(device)[(chunks.n_chunks,)](
+        state_ptrs, grad_ptrs, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.n_tensors,
+        lr_t, mult, skip_t, beta1, beta2, weight_decay,
+        params[0], exp_avgs[0],
+        HAS_MULT=has_mult, HAS_SKIP=has_skip, MAXIMIZE=maximize, BLOCK=chunks.block, num_warps=NUM_WARPS,
+    )

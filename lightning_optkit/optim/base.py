@@ -1,0 +1,259 @@
+"""The base class for kit optimizers: declare hyperparameters, state and one update rule.
+
+A subclass writes three things:
+
+* ``validators``: a mapping from hyperparameter name to a check (see :func:`non_negative`,
+  :func:`beta`, :func:`betas`), run on the defaults and on every param group at construction;
+* ``state_names`` (per-parameter state tensors, created by :meth:`KitOptimizer._init_state`) and
+  ``counts_steps`` (whether a per-parameter ``state["step"]`` counter is kept);
+* ``_update(group, params, grads, state, steps)``: the update rule over lists of tensors of one
+  device and dtype, written with ``torch._foreach_*`` ops.
+
+The base supplies ``step(closure=None)``: the closure runs under ``torch.enable_grad()`` and its
+loss is returned; gradients are gathered (sparse gradients raise), the pending
+:class:`~lightning_optkit.optim.modifiers.StepModifiers` are applied, and the rule runs either once
+per (device, dtype) bucket (``foreach=True``, the default) or once per parameter (``foreach=False``,
+the rule sees one-element lists). ``zero_grad``, ``state_dict`` and ``load_state_dict`` are torch's,
+so checkpoints have torch's format. Step counters are 0-d float32 tensors on the parameter's device,
+so a skipped step never needs a host sync.
+
+Fused hook: a subclass that sets ``fused_kernel = "<name>"`` accepts ``fused=True``; then ``step``
+hands each group to :meth:`KitOptimizer._fused_step`, which calls ``lightning_optkit.kernels.<name>``
+with ``(group, params, grads, state_lists, scale, skip)``. The kernel owns the whole update there:
+incrementing ``state_lists["step"]`` (when the optimizer counts steps), multiplying gradients by
+``scale`` and leaving everything untouched when ``skip`` is true.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_optkit.errors import SpecError
+from lightning_optkit.optim.modifiers import StepModifiers
+
+Validator = Callable[[str, Any], None]
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def non_negative(name: str, value: Any) -> None:
+    """Check that ``value`` is a finite number >= 0 (learning rates, eps, weight decay)."""
+    if not (_is_real_number(value) and value >= 0):
+        raise SpecError(name, value, f"pass a finite number >= 0 for {name}", problem="must be a finite number >= 0")
+
+
+def beta(name: str, value: Any) -> None:
+    """Check that ``value`` is a number in [0, 1) (an EMA coefficient)."""
+    if not (_is_real_number(value) and 0.0 <= value < 1.0):
+        raise SpecError(name, value, f"pass {name} in [0, 1), e.g. 0.9", problem="is outside [0, 1)")
+
+
+def betas(count: int) -> Validator:
+    """A check that ``value`` is a tuple of ``count`` numbers, each in [0, 1)."""
+
+    def check(name: str, value: Any) -> None:
+        if not (isinstance(value, (tuple, list)) and len(value) == count):
+            raise SpecError(name, value, f"pass a tuple of {count} numbers in [0, 1)",
+                            problem=f"is not a sequence of {count} numbers")
+        for i, item in enumerate(value):
+            beta(f"{name}[{i}]", item)
+
+    return check
+
+
+def flag(name: str, value: Any) -> None:
+    """Check that ``value`` is True, False or None."""
+    if value is not None and not isinstance(value, bool):
+        raise SpecError(name, value, f"pass True, False or None for {name}", problem="is not a bool")
+
+
+def _load_fused_kernel(name: str) -> Callable[..., None] | None:
+    try:
+        kernels = importlib.import_module("lightning_optkit.kernels")
+    except ImportError:
+        return None
+    return getattr(kernels, name, None)
+
+
+class KitOptimizer(StepModifiers, torch.optim.Optimizer):
+    """A torch optimizer defined by its hyperparameter checks, its state and one update rule.
+
+    Subclasses call ``super().__init__(params, **hyperparameters)`` from an ``__init__`` with explicit
+    keywords, and implement :meth:`_update`. Every group also takes ``foreach`` (None = True).
+    """
+
+    validators: ClassVar[dict[str, Validator]] = {}
+    state_names: ClassVar[tuple[str, ...]] = ()
+    scalar_state_names: ClassVar[tuple[str, ...]] = ()
+    counts_steps: ClassVar[bool] = True
+    fused_kernel: ClassVar[str | None] = None
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **defaults: Any) -> None:
+        defaults.setdefault("foreach", None)
+        if self.fused_kernel is not None:
+            defaults.setdefault("fused", None)
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, validating its hyperparameters and rejecting complex parameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except (ValueError, NotImplementedError):
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for key, check in self.validators.items():
+            check(key, group[key])
+        flag("foreach", group["foreach"])
+        for i, p in enumerate(group["params"]):
+            if torch.is_complex(p):
+                raise SpecError("params", f"parameter {i} of dtype {p.dtype}",
+                                f"{name} has no complex support: optimize torch.view_as_real(p) as a real "
+                                "parameter instead", problem="is a complex parameter")
+        if self.fused_kernel is not None:
+            flag("fused", group["fused"])
+            if group["fused"] and _load_fused_kernel(self.fused_kernel) is None:
+                raise NotImplementedError(
+                    f"{name}(fused=True) needs lightning_optkit.kernels.{self.fused_kernel}, which this "
+                    "installation does not provide yet; use fused=None (the foreach path) instead"
+                )
+
+    # ------------------------------------------------------------------------------------------ state
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Fresh per-parameter state: zeros like ``p`` for each of ``state_names``."""
+        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
+
+    def _counter_names(self) -> tuple[str, ...]:
+        return (("step",) if self.counts_steps else ()) + self.scalar_state_names
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; afterwards step counters are float32 on the parameter's device."""
+        super().load_state_dict(state_dict)
+        counters = self._counter_names()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                for name in counters if state else ():
+                    state[name] = state[name].to(device=p.device, dtype=torch.float32)
+
+    def _gather(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[Tensor]]:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter {i} of param group "
+                    f"{group_index}); use torch.optim.SparseAdam for it, or nn.Embedding(sparse=False)"
+                )
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(p, group))
+                if self.counts_steps:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            params.append(p)
+            grads.append(grad)
+        return params, grads
+
+    # ------------------------------------------------------------------------------------------- step
+    def _check_ready(self) -> None:
+        """Raise when the optimizer cannot step now (hook for subclasses; called before the closure)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Run the closure (with grad enabled) if given, update every parameter, return the loss."""
+        self._check_ready()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale, skip = self.pop_step_modifiers()
+        for index, group in enumerate(self.param_groups):
+            params, grads = self._gather(group, index)
+            if not params:
+                continue
+            if self.fused_kernel is not None and group["fused"]:
+                self._fused_step(group, params, grads, self._state_lists(params), scale, skip)
+                continue
+            if group["foreach"] is False:
+                for p, g in zip(params, grads):
+                    self._run_rule(group, [p], [g], scale, skip)
+            else:
+                buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+                for p, g in zip(params, grads):
+                    bucket = buckets.setdefault((p.device, p.dtype), ([], []))
+                    bucket[0].append(p)
+                    bucket[1].append(g)
+                for bucket_params, bucket_grads in buckets.values():
+                    self._run_rule(group, bucket_params, bucket_grads, scale, skip)
+        return loss
+
+    def _state_lists(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
+        names = self.state_names + self._counter_names()
+        return {name: [self.state[p][name] for p in params] for name in names}
+
+    def _run_rule(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        scale: Tensor | None, skip: Tensor | None,
+    ) -> None:
+        lists = self._state_lists(params)
+        steps = lists.pop("step", [])
+        if skip is not None:
+            # Update on the side, then select old or new per tensor on device: no host sync.
+            touched = [*params, *steps, *(t for ts in lists.values() for t in ts)]
+            saved = [t.clone() for t in touched]
+        if scale is not None:
+            grads = torch._foreach_mul(grads, scale.to(grads[0].device))
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        self._update(group, params, grads, lists, steps)
+        if skip is not None:
+            keep_old = skip.to(params[0].device)
+            for tensor, old in zip(touched, saved):
+                tensor.copy_(torch.where(keep_old, old, tensor))
+
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state: dict[str, list[Tensor]], steps: list[Tensor],
+    ) -> None:
+        """Apply the update rule in place to ``params`` and ``state`` (one device and dtype).
+
+        ``grads`` already include the pending grad scale and must not be written. ``steps`` hold
+        the per-parameter step counts after this step (1 on the first step); empty when the
+        optimizer does not count steps.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement _update")
+
+    def _fused_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state_lists: dict[str, list[Tensor]], scale: Tensor | None, skip: Tensor | None,
+    ) -> None:
+        """Hand the group to ``lightning_optkit.kernels.<fused_kernel>`` (see the module docstring)."""
+        kernel = _load_fused_kernel(self.fused_kernel or "")
+        if kernel is None:
+            raise NotImplementedError(f"lightning_optkit.kernels.{self.fused_kernel} is not available")
+        kernel(group, params, grads, state_lists, scale, skip)
+
+
+def bias_correction(steps: list[Tensor], coefficient: float) -> Tensor:
+    """``1 - coefficient ** step`` for each counter, stacked, computed as ``-expm1(step * log c)``.
+
+    The expm1 form keeps full float32 relative precision where ``1 - c**t`` is tiny (c = 0.999).
+    """
+    log_c = math.log(coefficient) if coefficient > 0 else -math.inf
+    return torch.special.expm1(torch.stack(steps) * log_c).neg_()

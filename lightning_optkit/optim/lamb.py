@@ -1,0 +1,72 @@
+"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_optkit.errors import SpecError
+from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
+from lightning_optkit.registry import register_optimizer
+
+
+@register_optimizer("lamb")
+class LAMB(KitOptimizer):
+    """LAMB: Adam's bias-corrected direction with a per-tensor trust ratio (the paper's Algorithm 2).
+
+    Per parameter tensor: ``m <- b1*m + (1-b1)*g``, ``v <- b2*v + (1-b2)*g^2``,
+    ``u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps) + wd*p``,
+    ``r = ||p|| / ||u||`` (r = 1 when either norm is 0), clamped to ``[0, max_trust_ratio]``,
+    ``p <- p - lr * r * u``. Weight decay is inside ``u`` (so it is scaled by the trust ratio, as in
+    the paper). Gradients are not clipped here (use the kit's clipping callbacks). The trust ratio is
+    applied to every tensor; put biases and norm gains in a group with weight_decay=0 if you like, as
+    usual. Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=10.
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    """
+
+    validators = {"lr": non_negative, "betas": betas(2), "eps": non_negative, "weight_decay": non_negative}
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_trust_ratio: float = 10.0,
+        foreach: bool | None = None,
+    ) -> None:
+        if not (isinstance(max_trust_ratio, (int, float)) and max_trust_ratio > 0):
+            raise SpecError("max_trust_ratio", max_trust_ratio, "pass a number > 0 (10.0 is common)",
+                            problem="must be a number > 0")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         max_trust_ratio=max_trust_ratio, foreach=foreach)
+
+    def _update(self, group, params, grads, state, steps) -> None:
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+        bc1 = bias_correction(steps, beta1).unbind()
+        bc2 = bias_correction(steps, beta2).unbind()
+        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, bc1)
+        torch._foreach_div_(update, denom)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+
+        param_norm = torch.stack(torch._foreach_norm(params))
+        update_norm = torch.stack(torch._foreach_norm(update))
+        usable = (param_norm > 0) & (update_norm > 0)
+        ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
+        ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"])
+        torch._foreach_mul_(update, ratio.unbind())
+        torch._foreach_add_(params, update)

@@ -1,0 +1,53 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_optkit.optim.base import KitOptimizer, betas, non_negative
+from lightning_optkit.registry import register_optimizer
+
+
+@register_optimizer("lion")
+class Lion(KitOptimizer):
+    """Lion, following the google/automl reference (``lion_pytorch.py``) step for step.
+
+    Per step: ``p <- p * (1 - lr*wd)``; ``c = b1*m + (1-b1)*g``; ``p <- p - lr*sign(c)``;
+    ``m <- b2*m + (1-b2)*g``. Defaults as the reference: lr=1e-4, betas=(0.9, 0.99), wd=0 (the
+    paper suggests a 3-10x smaller lr and 3-10x larger wd than AdamW). State: ``exp_avg``.
+    ``fused=True`` uses ``lightning_optkit.kernels.lion_fused_step`` when that kernel exists.
+    """
+
+    validators = {"lr": non_negative, "betas": betas(2), "weight_decay": non_negative}
+    state_names = ("exp_avg",)
+    counts_steps = False
+    fused_kernel = "lion_fused_step"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach,
+                         fused=fused)
+
+    def _update(self, group, params, grads, state, steps) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        exp_avgs = state["exp_avg"]
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        direction = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(direction, grads, alpha=1.0 - beta1)
+        torch._foreach_sign_(direction)
+        torch._foreach_add_(params, direction, alpha=-lr)
+        torch._foreach_mul_(exp_avgs, beta2)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)

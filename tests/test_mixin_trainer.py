@@ -1,0 +1,151 @@
+"""The mixin under a real lightning.Trainer: one optimizer (automatic) and two (GAN-style, manual)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optkit import OptimizerMixin, OptimizerSpec, ParamGroup, SpecError
+
+
+def loader(n: int = 64, batch: int = 8, dim: int = 4) -> DataLoader:
+    x = torch.randn(n, dim)
+    y = (x.sum(dim=1, keepdim=True) > 0).float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+class Regressor(OptimizerMixin, L.LightningModule):
+    def __init__(self, optim: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self.head(self.backbone(x)), y)
+
+
+STEP_SPEC = {
+    "optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1,
+    "groups": [{"params": "backbone.*", "name": "backbone", "lr_scale": 0.1}, {"params": "head.*", "name": "head"}],
+    "schedule": {"class": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5, "interval": "epoch"},
+}
+
+
+def test_single_optimizer_fit_builds_named_groups_and_steps_the_schedule(tmp_path, quiet_trainer_kwargs) -> None:
+    model = Regressor(optim=STEP_SPEC)
+    logger = CSVLogger(str(tmp_path), name="run")
+    kwargs = {**quiet_trainer_kwargs, "logger": logger}
+    trainer = L.Trainer(**kwargs, max_epochs=3, log_every_n_steps=1, callbacks=[LearningRateMonitor()])
+    trainer.fit(model, loader())
+    assert model.automatic_optimization
+    (opt,) = trainer.optimizers
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"backbone", "backbone/no_decay", "head", "head/no_decay"}
+    assert groups["backbone"]["params"] == [model.backbone[0].weight]
+    assert groups["backbone/no_decay"]["params"] == [model.backbone[0].bias]
+    assert groups["head"]["params"] == [model.head.weight]
+    # three epochs of StepLR(gamma=0.5): every group's own base lr is halved three times
+    assert groups["backbone"]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert groups["head"]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
+    assert groups["head"]["weight_decay"] == 0.1 and groups["head/no_decay"]["weight_decay"] == 0.0
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        columns = next(csv.reader(fh))
+    assert "lr-AdamW/backbone" in columns and "lr-AdamW/head/no_decay" in columns
+
+
+def test_spec_from_hparams_is_saved_in_the_checkpoint_and_rebuilds(tmp_path, quiet_trainer_kwargs) -> None:
+    model = Regressor(optim=STEP_SPEC)
+    trainer = L.Trainer(**{**quiet_trainer_kwargs, "enable_checkpointing": True}, max_epochs=1)
+    trainer.fit(model, loader())
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    restored = Regressor.load_from_checkpoint(ckpt)
+    assert restored.hparams["optim"] == STEP_SPEC
+    trainer2 = L.Trainer(**quiet_trainer_kwargs, max_epochs=2)
+    trainer2.fit(restored, loader(), ckpt_path=ckpt)
+    assert {g["name"] for g in trainer2.optimizers[0].param_groups} == {"backbone", "backbone/no_decay", "head",
+                                                                        "head/no_decay"}
+
+
+def test_invalid_spec_fails_before_the_first_batch(quiet_trainer_kwargs) -> None:
+    model = Regressor(optim={"optimizer": "adamw", "lr": 1e-3, "groups": [{"params": "backbone.9.*", "name": "x"}]})
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=2)
+    with pytest.raises(SpecError, match="backbone.9"):
+        trainer.fit(model, loader())
+    assert model.steps_run == 0
+
+
+class TinyGAN(OptimizerMixin, L.LightningModule):
+    """Generator and discriminator with their own optimizers and schedules, stepped by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.discriminator = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.optim_spec = [
+            OptimizerSpec("adam", lr=2e-3, betas=(0.5, 0.999), params="generator.*", name="gen",
+                          schedule={"class": "torch.optim.lr_scheduler.StepLR", "step_size": 2, "gamma": 0.5,
+                                    "interval": "step"}),
+            OptimizerSpec("sgd", lr=1e-2, momentum=0.9, params="discriminator.*", name="disc",
+                          groups=[ParamGroup("discriminator.2.*", name="last", lr_scale=0.5)],
+                          schedule={"class": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.1,
+                                    "interval": "epoch"}),
+        ]
+
+    def training_step(self, batch, batch_idx):
+        (real,) = batch
+        z = torch.randn(real.shape[0], 2)
+        fake = self.generator(z)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        d_loss = bce(self.discriminator(real), torch.ones(real.shape[0], 1)) + \
+            bce(self.discriminator(fake.detach()), torch.zeros(real.shape[0], 1))
+        self.manual_step(d_loss, optimizer="disc")
+        g_loss = bce(self.discriminator(self.generator(z)), torch.ones(real.shape[0], 1))
+        self.manual_step(g_loss, optimizer="gen")
+
+
+def test_two_optimizers_run_in_manual_optimization_with_manual_step(quiet_trainer_kwargs) -> None:
+    model = TinyGAN()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = DataLoader(TensorDataset(torch.randn(32, 4) + 2.0), batch_size=8)  # 4 batches per epoch
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_epochs=2)
+    trainer.fit(model, data)
+    assert model.automatic_optimization is False
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    gen, disc = trainer.optimizers
+    assert isinstance(gen, torch.optim.Adam) and isinstance(disc, torch.optim.SGD)
+    # gen: 8 optimizer steps, StepLR(step_size=2) per step -> 4 halvings
+    assert gen.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.5 ** 4)
+    # disc: stepped at the start of epoch 2 only (the end of the last epoch has no later step)
+    by_name = {g["name"]: g["lr"] for g in disc.param_groups}
+    assert by_name["default"] == pytest.approx(1e-2 * 0.1)
+    assert by_name["last"] == pytest.approx(0.5e-2 * 0.1)
+
+
+def test_manual_step_rejects_an_unknown_optimizer_name(quiet_trainer_kwargs) -> None:
+    class Wrong(TinyGAN):
+        def training_step(self, batch, batch_idx):
+            self.manual_step(self.generator(torch.randn(2, 2)).sum(), optimizer="generator")
+
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=1)
+    with pytest.raises(SpecError, match=r"\['gen', 'disc'\]"):
+        trainer.fit(Wrong(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+
+
+def test_several_optimizers_with_accumulation_fail_before_training(quiet_trainer_kwargs) -> None:
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=1, accumulate_grad_batches=2)
+    with pytest.raises(MisconfigurationException, match="accumulation is not supported for manual"):
+        trainer.fit(TinyGAN(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))

@@ -17,7 +17,8 @@ def _load_model(target: str):
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise SpecError("model", target, "check the module path and class name", problem=f"cannot be loaded ({err})")
+        raise SpecError("model", target, "check the module path and class name",
+                        problem=f"cannot be loaded ({err})") from err
     try:
         return cls()
     except TypeError as err:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small model with a spec, two groups and a schedule")
-    demo.add_argument("--epochs", type=int, default=4, help="number of epochs (default 4)")
+    demo.add_argument("--epochs", type=int, default=8, help="number of epochs (default 8)")
     demo.add_argument("--no-wandb", action="store_true", help="log to CSV instead of W&B (offline)")
     demo.add_argument("--save-dir", default="runs/demo", help="where logs and checkpoints go (default runs/demo)")
     demo.set_defaults(func=_demo_command)

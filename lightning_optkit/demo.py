@@ -24,7 +24,7 @@ def spirals(n_per_class: int = 400, classes: int = 3, noise: float = 0.15, seed:
     xs, ys = [], []
     for c in range(classes):
         t = torch.linspace(0.0, 1.0, n_per_class)
-        angle = t * 3.5 * math.pi + 2 * math.pi * c / classes
+        angle = t * 2.5 * math.pi + 2 * math.pi * c / classes
         radius = t * 2.0
         points = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
         xs.append(points + noise * torch.randn(points.shape, generator=gen))
@@ -36,7 +36,7 @@ def demo_spec() -> OptimizerSpec:
     """AdamW with a 'backbone' and a 'head' group (the head learns 5x faster) and warmup-cosine."""
     return OptimizerSpec(
         "adamw",
-        lr=3e-3,
+        lr=1e-2,
         weight_decay=0.05,
         groups=[ParamGroup("backbone.*", name="backbone"), ParamGroup("head.*", name="head", lr_scale=5.0)],
         schedule={"name": "cosine", "warmup": "10%", "min_lr_ratio": 0.05},
@@ -86,7 +86,7 @@ def demo_callbacks() -> list[L.Callback]:
     return callbacks
 
 
-def run_demo(max_epochs: int = 4, wandb: bool = True, save_dir: str | os.PathLike = "runs/demo") -> dict[str, float]:
+def run_demo(max_epochs: int = 8, wandb: bool = True, save_dir: str | os.PathLike = "runs/demo") -> dict[str, float]:
     """Train the spiral classifier; print the plan, the final metrics and where the run was written."""
     L.seed_everything(0, verbose=False)
     save_dir = Path(save_dir)
@@ -109,7 +109,8 @@ def run_demo(max_epochs: int = 4, wandb: bool = True, save_dir: str | os.PathLik
     )
     trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=256))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    print(f"final: val_acc={metrics.get('val_acc', float('nan')):.3f} val_loss={metrics.get('val_loss', float('nan')):.3f}")
+    acc, loss = metrics.get("val_acc", float("nan")), metrics.get("val_loss", float("nan"))
+    print(f"final: val_acc={acc:.3f} val_loss={loss:.3f}")
     if wandb:
         import wandb as wandb_lib
 

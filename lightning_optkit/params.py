@@ -224,7 +224,7 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
                 problem=f"overlaps optimizer {other} ({specs[other].label}) on {_names(overlap)}; each would be "
                 f"updated twice per step",
             )
-        for n, p in hits:
+        for n, _ in hits:
             taken[n] = i
         picked_by[i] = hits
     rest = [(n, p) for n, p in params if n not in taken]

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import yaml
@@ -23,7 +23,7 @@ from lightning_optkit.registry import check_optimizer_kwargs, optimizer_keywords
 
 # A parameter selector: a glob on the qualified name, "re:<regex>", "type:<dotted.Module>", a module
 # class, a predicate (name, param) -> bool, or a list of those.
-Selector = Union[str, type, Callable[[str, torch.nn.Parameter], bool], Sequence[Any]]
+Selector = str | type | Callable[[str, torch.nn.Parameter], bool] | Sequence[Any]
 
 
 def as_number(
@@ -228,7 +228,8 @@ class TorchScheduleSpec:
                             problem="would be ignored")
         if issubclass(sched_cls, torch.optim.lr_scheduler.OneCycleLR) and interval == "epoch":
             raise SpecError(f"{field_name}.interval", interval, "OneCycleLR counts optimizer steps: use "
-                            "interval: step (or the kit schedule 'onecycle')", problem="steps OneCycleLR once per epoch")
+                            "interval: step (or the kit schedule 'onecycle')",
+                            problem="steps OneCycleLR once per epoch")
         valid = {
             n: p for n, p in inspect.signature(sched_cls.__init__).parameters.items()
             if n not in ("self", "optimizer") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -508,7 +509,7 @@ def load_yaml(path_or_text: str | Path) -> Any:
         raise SpecError("spec YAML", text[:60], f"fix the YAML syntax ({err})", problem="cannot be parsed") from None
 
 
-AnySpec = Union[OptimizerSpec, ChainSpec, list]
+AnySpec = OptimizerSpec | ChainSpec | list
 
 
 def spec_from_data(data: Any) -> Any:

@@ -61,8 +61,8 @@ def _wandb_file(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"run_dir_or_wandb_file={str(path)!r} does not exist. Fix: pass a run folder, "
-                                "a WandbLogger save_dir or a .wandb file.")
+        raise FileNotFoundError(f"run_dir_or_wandb_file={str(path)!r} does not exist. "
+                                "Fix: pass a run folder, a WandbLogger save_dir or a .wandb file.")
     files = sorted(path.glob("*.wandb"))
     if not files:
         files = sorted(find_run_dir(path).glob("*.wandb"))
@@ -95,8 +95,8 @@ def _iter_payloads(data: bytes, verify_crc: bool) -> Iterator[bytes]:
                 pos += _BLOCK_LEN - pos % _BLOCK_LEN if pos % _BLOCK_LEN else 0
             continue
         if verify_crc and zlib.crc32(body, zlib.crc32(bytes([kind]))) != crc:
-            raise WandbFileError(f"chunk at byte {start - _CHUNK_HEADER.size} has a bad checksum "
-                                 "(corrupt or not a .wandb file). Fix: pass verify_crc=False to skip the check.")
+            raise WandbFileError(f"chunk at byte {start - _CHUNK_HEADER.size} has a bad checksum (corrupt "
+                                 "or not a .wandb file). Fix: pass verify_crc=False to skip the check.")
         if kind == _FULL:
             pieces = None
             yield body
@@ -109,7 +109,8 @@ def _iter_payloads(data: bytes, verify_crc: bool) -> Iterator[bytes]:
             yield b"".join(pieces)
             pieces = None
         else:
-            raise WandbFileError(f"chunk type {kind} at byte {start - _CHUNK_HEADER.size} is out of sequence.")
+            raise WandbFileError(f"chunk type {kind} at byte {start - _CHUNK_HEADER.size} "
+                                 "is out of sequence.")
 
 
 def iter_records(run_dir_or_wandb_file: str | Path, *, verify_crc: bool = True) -> Iterator[Any]:

@@ -92,7 +92,8 @@ def test_groups_first_match_wins_with_lr_scale_lr_and_options() -> None:
 
 def test_layer_decay_gives_each_depth_its_rate_power() -> None:
     model = Toy(depth=3)
-    spec = OptimizerSpec("adamw", lr=1.0, weight_decay=0.05, layer_decay={"rate": 0.5, "depth": "re:blocks\\.(\\d+)\\."})
+    layer_decay = {"rate": 0.5, "depth": "re:blocks\\.(\\d+)\\."}
+    spec = OptimizerSpec("adamw", lr=1.0, weight_decay=0.05, layer_decay=layer_decay)
     rows = {r.param: r for r in plan(model, spec)}
     # stem (before the first block): depth 0 -> 0.5**4; block i -> depth i+1; head (after the last) -> depth 4
     assert rows["embed.weight"].lr == pytest.approx(0.5 ** 4)
@@ -122,7 +123,7 @@ def test_plan_prints_a_table_with_every_parameter() -> None:
     model = Toy()
     text = str(plan(model, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)))
     assert text.splitlines()[0].split() == ["parameter", "optimizer", "group", "lr", "weight_decay", "shape", "numel"]
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         assert name in text
     assert f"{sum(p.numel() for p in model.parameters()):,} values" in text
 

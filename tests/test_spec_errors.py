@@ -45,7 +45,8 @@ SPEC_ONLY = [
      ["'a'", "unique"]),
     ("weight decay on an optimizer without it", lambda: OptimizerSpec("lbfgs", lr=1, weight_decay=0.1),
      ["weight_decay=0.1", "LBFGS"]),
-    ("layer decay rate above 1", lambda: OptimizerSpec("adamw", lr=1e-3, layer_decay={"rate": 1.5, "depth": "re:(\\d)"}),
+    ("layer decay rate above 1",
+     lambda: OptimizerSpec("adamw", lr=1e-3, layer_decay={"rate": 1.5, "depth": "re:(\\d)"}),
      ["layer_decay.rate=1.5"]),
     ("layer decay without capture group", lambda: OptimizerSpec(
         "adamw", lr=1e-3, layer_decay={"rate": 0.5, "depth": "re:blocks"}), ["layer_decay.depth", "capture group"]),

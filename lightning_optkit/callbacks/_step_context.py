@@ -126,7 +126,8 @@ def active_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def mark_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+def mark_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                     flag: torch.Tensor) -> None:
     """Make ``scaler.step`` skip this optimizer's step when the 0-d device ``flag`` is true.
 
     After ``unscale_`` the scaler decides from its recorded per-device ``found_inf`` tensors, so we

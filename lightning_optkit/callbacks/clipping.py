@@ -81,8 +81,8 @@ def _positive(field: str, value: Any, *, integer: bool = False, below_one: bool 
     if ok and below_one and not value < 1:
         ok = False
     if not ok:
-        what = "a positive integer" if integer else ("a number in (0, 1)" if below_one else "a positive number")
-        raise SpecError(field, value, f"pass {what}")
+        what = "a number in (0, 1)" if below_one else "a positive number"
+        raise SpecError(field, value, f"pass {'a positive integer' if integer else what}")
 
 
 class GradientClipping(Callback):
@@ -183,7 +183,8 @@ class GradientClipping(Callback):
             if key in opts:
                 _positive(key, opts[key], below_one=True)
         if algorithm == "quantile" and opts["warmup_steps"] > opts["history"]:
-            raise SpecError("warmup_steps", opts["warmup_steps"], f"use warmup_steps <= history={opts['history']}")
+            raise SpecError("warmup_steps", opts["warmup_steps"],
+                            f"use warmup_steps <= history={opts['history']}")
 
         self.max_norm = None if max_norm is None else float(max_norm)
         self.algorithm = algorithm
@@ -209,12 +210,14 @@ class GradientClipping(Callback):
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val is not None and clip_val != 0:
             raise SpecError("Trainer(gradient_clip_val)", clip_val,
-                            "pick one: remove gradient_clip_val from the Trainer, or remove the GradientClipping "
-                            "callback", problem="clips gradients a second time alongside GradientClipping")
+                            "pick one: remove gradient_clip_val from the Trainer, or remove the "
+                            "GradientClipping callback",
+                            problem="clips gradients a second time alongside GradientClipping")
         if getattr(trainer, "gradient_clip_algorithm", None) is not None:
             raise SpecError("Trainer(gradient_clip_algorithm)", str(trainer.gradient_clip_algorithm),
-                            "remove gradient_clip_algorithm from the Trainer; GradientClipping(algorithm=...) "
-                            "chooses the algorithm", problem="conflicts with GradientClipping")
+                            "remove gradient_clip_algorithm from the Trainer; "
+                            "GradientClipping(algorithm=...) chooses the algorithm",
+                            problem="conflicts with GradientClipping")
         excluded: set[int] = set()
         for pattern in self.exclude:
             hits = [p for name, p in pl_module.named_parameters()
@@ -267,7 +270,8 @@ class GradientClipping(Callback):
             coef = None
             if logging or self.last_clip_coef is None:
                 post = combine_norms(tensor_norms(grads, self.norm_type), self.norm_type, device)
-                coef = torch.where(torch.isfinite(total), post / (total + _EPS), torch.full_like(total, math.nan))
+                nan = torch.full_like(total, math.nan)
+                coef = torch.where(torch.isfinite(total), post / (total + _EPS), nan)
 
         self.last_total_norm = total
         if coef is not None:
@@ -281,7 +285,8 @@ class GradientClipping(Callback):
                 pl_module.log(f"grad_clip/threshold{suffix}", threshold, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ algorithms
-    def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
+                      coef: torch.Tensor) -> None:
         if isinstance(raw, AcceptsStepModifiers) and not self._excluded_ids:
             raw.defer_grad_scale(coef)  # applied inside the kit optimizer's update, no extra pass
         else:
@@ -318,7 +323,8 @@ class GradientClipping(Callback):
             self._states[idx] = state
         fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device)
         if isinstance(state, RunningNormStats):
-            threshold = torch.where(state.ready(device), state.upper(self.options["z_thresh"], device), fallback)
+            upper = state.upper(self.options["z_thresh"], device)
+            threshold = torch.where(state.ready(device), upper, fallback)
             state.update(torch.minimum(total, threshold))  # spikes enter the EMA clipped, as in ZClip
         else:
             threshold = torch.where(state.ready(device), state.value(device), fallback)
@@ -339,8 +345,10 @@ class GradientClipping(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the adaptive state saved by :meth:`state_dict`."""
         if state_dict.get("algorithm") != self.algorithm:
-            raise ValueError(f"checkpoint holds GradientClipping(algorithm={state_dict.get('algorithm')!r}) state, "
-                             f"this callback uses algorithm={self.algorithm!r}. Fix: resume with the same algorithm.")
+            raise ValueError(
+                f"checkpoint holds GradientClipping(algorithm={state_dict.get('algorithm')!r}) state, this "
+                f"callback uses algorithm={self.algorithm!r}. Fix: resume with the same algorithm."
+            )
         self._states = {}
         for i, s in state_dict.get("states", {}).items():
             state = self._new_state()

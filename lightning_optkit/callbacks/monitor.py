@@ -63,7 +63,7 @@ def _layer_name(param_name: str, depth: int) -> str:
 
 
 def _optimizer_names(optimizers: Sequence[Any]) -> list[str]:
-    """Class names; repeats of a class get ``-1``, ``-2``... (``Adam``, ``Adam-1``), as LearningRateMonitor."""
+    """Class names; repeats of a class get ``-1``, ``-2``... (``Adam``, ``Adam-1``), as Lightning does."""
     seen: dict[str, int] = {}
     names = []
     for opt in optimizers:
@@ -196,8 +196,11 @@ class OptimizerMonitor(Callback):
 
     Gradient norms are pre-clip whatever the callback order: at setup the monitor moves itself just
     ahead of a gradient-clipping callback (one exposing ``last_total_norm`` and ``last_clip_coef``,
-    e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here. If an optimizer steps several times in one batch (manual
-    optimization), its first step is reported and the update is the change over the whole batch.
+    e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here.
+    If an optimizer steps several times in one batch (manual optimization), its first step is
+    reported and the update is the change over the whole batch. ``total_clipped`` uses the clipping
+    callback's ``last_clip_coef`` (for its ``value``/``agc`` algorithms refreshed on Lightning's
+    logging steps only).
     """
 
     def __init__(
@@ -248,19 +251,22 @@ class OptimizerMonitor(Callback):
         if stage != "fit":
             return
         if not trainer.loggers:
-            raise SpecError("Trainer(logger)", False, "give the Trainer a logger (e.g. WandbLogger) or remove "
-                            "OptimizerMonitor", problem="leaves OptimizerMonitor with nowhere to log")
+            raise SpecError("Trainer(logger)", False,
+                            "give the Trainer a logger (e.g. WandbLogger) or remove OptimizerMonitor",
+                            problem="leaves OptimizerMonitor with nowhere to log")
         from lightning.pytorch.loggers import WandbLogger
 
         self._wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if self.histograms and not self._wandb_loggers:
             found = [type(lg).__name__ for lg in trainer.loggers]
-            raise SpecError("histograms", True, "add a WandbLogger to the Trainer's loggers or set histograms=False",
+            raise SpecError("histograms", True,
+                            "add a WandbLogger to the Trainer's loggers or set histograms=False",
                             problem=f"needs a WandbLogger, but the Trainer's loggers are {found}")
         self._every = self.every_n_steps if self.every_n_steps is not None else trainer.log_every_n_steps
         if self._every < 1:
-            rank_zero_warn("OptimizerMonitor(every_n_steps=None) follows Trainer(log_every_n_steps=0), which "
-                           "turns logging off: the monitor will log nothing. Pass every_n_steps to log anyway.")
+            rank_zero_warn("OptimizerMonitor(every_n_steps=None) follows Trainer(log_every_n_steps=0), "
+                           "which turns logging off: the monitor will log nothing. "
+                           "Pass every_n_steps to log anyway.")
         self._active = trainer.global_rank == 0 and self._every >= 1
         self._clip = _find_clipping_callback(trainer)
         if self._clip is not None:
@@ -289,7 +295,8 @@ class OptimizerMonitor(Callback):
                     seen.add(id(p))
                     params.append(p)
         layer_of = {
-            id(p): _layer_name(self._names[id(p)], self.layer_depth) if id(p) in self._names else "unregistered"
+            id(p): _layer_name(self._names[id(p)], self.layer_depth) if id(p) in self._names
+            else "unregistered"
             for p in params
         }
         signature = tuple(len(g["params"]) for g in optimizer.param_groups)
@@ -372,7 +379,8 @@ class OptimizerMonitor(Callback):
             metrics, histogram_values = self._resolve(pending, trainer)
         self._log(trainer, metrics, histogram_values)
 
-    def _resolve(self, pending: list[_PendingStep], trainer: pl.Trainer) -> tuple[dict[str, float], list[float]]:
+    def _resolve(self, pending: list[_PendingStep], trainer: pl.Trainer
+                 ) -> tuple[dict[str, float], list[float]]:
         transfer = _OneTransfer()
         slots = []
         hparams: dict[str, float | torch.Tensor] = {}

@@ -1,0 +1,223 @@
+"""NonFiniteGuard: skip optimizer steps whose gradients are NaN/inf (or spike), without a host sync."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_optkit.callbacks._adaptive import RunningNormStats
+from lightning_optkit.callbacks._step_context import (
+    active_scaler,
+    ensure_unscaled,
+    grad_params,
+    is_fused_amp_optimizer,
+    is_logging_step,
+    mark_scaler_skip,
+    optimizer_index,
+    step_tensor_norms,
+)
+from lightning_optkit.errors import SpecError
+from lightning_optkit.norms import check_norm_type, combine_norms
+from lightning_optkit.optim.modifiers import AcceptsStepModifiers
+
+__all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Raised when ``max_consecutive_skips`` optimizer steps in a row were skipped."""
+
+
+class _OptimizerTrack:
+    """Per-optimizer counters (0-d device tensors) and spike statistics."""
+
+    def __init__(self, spike_alpha: float, spike_warmup: int) -> None:
+        self.skipped = torch.zeros((), dtype=torch.float32)
+        self.consecutive = torch.zeros((), dtype=torch.float32)
+        self.stats = RunningNormStats(alpha=spike_alpha, warmup=spike_warmup)
+
+    def to(self, device: torch.device) -> None:
+        if self.skipped.device != device:
+            self.skipped, self.consecutive = self.skipped.to(device), self.consecutive.to(device)
+
+
+class NonFiniteGuard(Callback):
+    """Skip the optimizer step when any gradient is NaN/inf, or (optionally) when the norm spikes.
+
+    A skipped step leaves parameters, optimizer state and the optimizer's step counters exactly as
+    they were; training goes on (LR schedulers still advance). The guard never raises on one bad
+    batch, but raises :class:`TooManySkippedSteps` after ``max_consecutive_skips`` skips in a row,
+    because then the run is broken.
+
+    Args:
+        skip_on_spike: If set to ``k``, also skip when the total gradient norm exceeds the running
+            mean of past (accepted) norms by ``k`` standard deviations, once ``spike_warmup``
+            norms were seen. Statistics: exact mean/variance during warmup, then an EMA with
+            decay ``spike_alpha``. Skipped norms do not enter them.
+        max_consecutive_skips: Raise after this many consecutive skipped steps (per optimizer).
+        spike_warmup: Norms to observe before spike detection starts.
+        spike_alpha: EMA decay of the spike statistics after warmup.
+        norm_type: The p of the total gradient norm (non-finite check and spikes).
+
+    How the skip is applied, by optimizer kind:
+
+    * kit optimizers implementing ``AcceptsStepModifiers``: ``defer_skip(flag)``, no host sync;
+    * torch optimizers built with ``fused=True``: the device flag is set as the optimizer's
+      ``found_inf`` attribute, which torch's fused step reads (it skips the update and undoes the
+      step-counter increment), no host sync; the attribute is removed after the batch;
+    * under a GradScaler (``16-mixed`` on GPU): the flag is added to the scaler's found-inf record,
+      so ``scaler.step`` skips (and backs the scale off once), no extra host sync;
+    * any other optimizer: **one bool device-to-host transfer per step**; on a skip all gradients
+      of that optimizer are set to None, so torch's step leaves every parameter and its state alone.
+
+    On the no-sync paths the consecutive-skip counter stays on device and is checked on logging
+    steps only (``log_every_n_steps``), so the error may come up to that many steps late.
+
+    Under DDP the decision is collective without communication: Lightning's DDP has all-reduced
+    the gradients before ``on_before_optimizer_step``, so a NaN on one rank reaches every rank's
+    gradients and every rank computes the same norm, flag and statistics.
+
+    Logged every logging step through ``pl_module.log``: ``guard/skipped_steps`` (total skipped
+    optimizer steps so far) and ``guard/consecutive_skips`` (current run of skips). With several
+    optimizers each key gets the suffix ``_opt{i}`` (``i`` = index in ``trainer.optimizers``).
+    ``last_skip`` holds the latest flag as a 0-d device bool tensor.
+
+    With :class:`GradientClipping` registered too, both share one norm computation per step when
+    they norm the same parameters with the same ``norm_type``, and the skip wins over the clip
+    (a non-finite norm gives a NaN clip coefficient, never a finite one).
+    """
+
+    def __init__(self, skip_on_spike: float | None = None, max_consecutive_skips: int = 20, *,
+                 spike_warmup: int = 25, spike_alpha: float = 0.97, norm_type: float = 2.0) -> None:
+        if skip_on_spike is not None and not (
+            isinstance(skip_on_spike, (int, float)) and not isinstance(skip_on_spike, bool)
+            and skip_on_spike > 0 and math.isfinite(skip_on_spike)
+        ):
+            raise SpecError("skip_on_spike", skip_on_spike, "pass a positive number of standard "
+                            "deviations (e.g. 6.0), or None to skip only NaN/inf")
+        if not (isinstance(max_consecutive_skips, int) and not isinstance(max_consecutive_skips, bool)
+                and max_consecutive_skips >= 1):
+            raise SpecError("max_consecutive_skips", max_consecutive_skips, "pass an integer >= 1")
+        if not (isinstance(spike_warmup, int) and not isinstance(spike_warmup, bool) and spike_warmup >= 1):
+            raise SpecError("spike_warmup", spike_warmup, "pass an integer >= 1")
+        if not (isinstance(spike_alpha, (int, float)) and 0 < spike_alpha < 1):
+            raise SpecError("spike_alpha", spike_alpha, "pass an EMA decay in (0, 1), e.g. 0.97")
+        if skip_on_spike is None and (spike_warmup != 25 or spike_alpha != 0.97):
+            raise SpecError("skip_on_spike", None, "set skip_on_spike=<k> to use spike_warmup/spike_alpha, "
+                            "or drop them", problem="is required when spike_warmup or spike_alpha is set")
+        try:
+            self.norm_type = check_norm_type(norm_type)
+        except (TypeError, ValueError):
+            raise SpecError("norm_type", norm_type, "pass a positive p (e.g. 2.0) or float('inf')") from None
+        self.skip_on_spike = None if skip_on_spike is None else float(skip_on_spike)
+        self.max_consecutive_skips = max_consecutive_skips
+        self.spike_warmup = spike_warmup
+        self.spike_alpha = float(spike_alpha)
+        self.last_skip: torch.Tensor | None = None
+        self._tracks: dict[int, _OptimizerTrack] = {}
+        self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key of this callback."""
+        return self._generate_state_key(skip_on_spike=self.skip_on_spike)
+
+    def _track(self, idx: int) -> _OptimizerTrack:
+        if idx not in self._tracks:
+            self._tracks[idx] = _OptimizerTrack(self.spike_alpha, self.spike_warmup)
+        return self._tracks[idx]
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Decide the skip flag on device and hand it to the optimizer (see the class docstring)."""
+        ensure_unscaled(trainer, optimizer)
+        params = grad_params(optimizer)
+        if not params:
+            return
+        device = params[0].grad.device
+        norms = step_tensor_norms(trainer, optimizer, params, self.norm_type)
+        total = combine_norms(norms, self.norm_type, device)
+        idx = optimizer_index(trainer, optimizer)
+        track = self._track(idx)
+        track.to(device)
+
+        skip = ~torch.isfinite(total)
+        if self.skip_on_spike is not None:
+            spike = track.stats.ready(device) & (total > track.stats.upper(self.skip_on_spike, device))
+            skip = skip | spike
+            track.stats.update(total, accept=~skip)
+        track.skipped = track.skipped + skip.float()
+        track.consecutive = torch.where(skip, track.consecutive + 1.0, torch.zeros_like(track.consecutive))
+        self.last_skip = skip
+
+        raw = getattr(optimizer, "optimizer", optimizer)
+        scaler = active_scaler(trainer)
+        synced = False
+        if isinstance(raw, AcceptsStepModifiers):
+            raw.defer_skip(skip)
+        elif scaler is not None:
+            mark_scaler_skip(scaler, raw, skip)
+        elif is_fused_amp_optimizer(raw):
+            flag = skip.float().reshape(1)
+            raw.found_inf = flag  # read by torch's fused step; removed in on_train_batch_end
+            self._armed.append((raw, flag))
+        else:
+            synced = True
+            if bool(skip):  # the one host transfer per step of this path
+                for group in raw.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+
+        logging = is_logging_step(trainer)
+        if synced or logging:
+            self._check_consecutive(idx, track)
+        if logging:
+            suffix = f"_opt{idx}" if len(trainer.optimizers) > 1 else ""
+            pl_module.log(f"guard/skipped_steps{suffix}", track.skipped, on_step=True, on_epoch=False)
+            pl_module.log(f"guard/consecutive_skips{suffix}", track.consecutive, on_step=True, on_epoch=False)
+
+    def _check_consecutive(self, idx: int, track: _OptimizerTrack) -> None:
+        run = int(track.consecutive)
+        if run >= self.max_consecutive_skips:
+            raise TooManySkippedSteps(
+                f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {idx} "
+                f"(max_consecutive_skips={self.max_consecutive_skips}): its gradients are non-finite or "
+                "spiking on every step, so the run is broken. Fix: check the data and loss for NaN/inf, "
+                "lower the learning rate, or use bf16/fp32 instead of fp16."
+            )
+
+    def _disarm(self) -> None:
+        for raw, flag in self._armed:
+            if raw.__dict__.get("found_inf") is flag:
+                del raw.found_inf
+        self._armed.clear()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Remove the ``found_inf`` flags set on fused optimizers during this batch."""
+        self._disarm()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Clean up flags (if a batch was interrupted)."""
+        self._disarm()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        """Never leave a skip flag on an optimizer after a failed fit."""
+        self._disarm()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-optimizer counters and spike statistics."""
+        return {i: {"skipped": t.skipped.detach().cpu(), "consecutive": t.consecutive.detach().cpu(),
+                    "stats": t.stats.state_dict()} for i, t in self._tracks.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self._tracks = {}
+        for i, s in state_dict.items():
+            track = self._track(int(i))
+            track.skipped = s["skipped"].float().clone()
+            track.consecutive = s["consecutive"].float().clone()
+            track.stats.load_state_dict(s["stats"])

@@ -1,0 +1,178 @@
+"""Functional multi-tensor update steps: group tensors by (device, dtype) and run one kernel per group.
+
+Every step takes ``grad_scale`` (a 0-d tensor multiplying every gradient, e.g. a clip coefficient) and
+``skip`` (a 0-d tensor, true/nonzero means leave every tensor and counter untouched) as device tensors,
+so nothing here syncs with the host. ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"``; see
+:mod:`lightning_optkit.kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from lightning_optkit.kernels import torch_fused
+from lightning_optkit.kernels.dispatch import PathLogger, select_backend
+
+_log_path = PathLogger("lightning_optkit.kernels")
+
+Lists = Sequence[Sequence[torch.Tensor]]
+
+
+def _groups(lists: Lists) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of the tensors of ``lists[0]`` grouped by (device, dtype), in order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(lists[0]):
+        groups[(p.device, p.dtype)].append(i)
+    return groups
+
+
+def _check_lengths(lists: Lists, names: Sequence[str]) -> None:
+    n = len(lists[0])
+    for tensors, name in zip(lists, names):
+        if len(tensors) != n:
+            raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}; pass one per parameter")
+
+
+def _contiguous(lists: Lists, idx: list[int]) -> bool:
+    return all(tensors[i].is_contiguous() for tensors in lists for i in idx)
+
+
+def _run(
+    lists: Lists, backend: str, who: str,
+    torch_fn: Callable[..., None], triton_fn: Callable[[], Callable[..., None]], **kwargs: object,
+) -> None:
+    for (device, dtype), idx in _groups(lists).items():
+        sub = [[tensors[i] for i in idx] for tensors in lists]
+        path = select_backend(backend, device, dtype, _contiguous([s for s in sub if s], list(range(len(idx)))))
+        _log_path(device, dtype, f"{who}/{path}")
+        fn = triton_fn() if path == "triton" else torch_fn
+        fn(*sub, **kwargs)
+
+
+def adamw_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+    *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool = False, maximize: bool = False, grad_scale: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None, backend: str = "auto",
+) -> None:
+    """One AdamW step (torch.optim.AdamW semantics) over all tensors, in place.
+
+    ``steps`` are per-parameter 0-d float32 tensors on the parameters' device; they are advanced by one
+    unless ``skip``. Moments must be fp32 for bf16/fp16 params (param dtype otherwise).
+    ``max_exp_avg_sqs`` is used only when ``amsgrad`` (pass ``[]`` otherwise).
+    """
+    if not params:
+        return
+    lists: list[Sequence[torch.Tensor]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "steps"]
+    if amsgrad:
+        lists.append(max_exp_avg_sqs)
+        names.append("max_exp_avg_sqs")
+    _check_lengths(lists, names)
+
+    def call(p, g, m, v, s, vmax=(), *, path_fn):
+        path_fn(p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, skip=skip)
+
+    def torch_path(*sub):
+        call(*sub, path_fn=torch_fused.torch_adamw)
+
+    def triton_path():
+        from lightning_optkit.kernels.triton.adamw import triton_adamw
+
+        return lambda *sub: call(*sub, path_fn=triton_adamw)
+
+    _run(lists, backend, "adamw", torch_path, triton_path)
+
+
+def sgd_momentum_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], *,
+    lr: float | torch.Tensor, momentum: float, weight_decay: float = 0.0, nesterov: bool = False,
+    maximize: bool = False, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SGD step with momentum (torch.optim.SGD semantics, dampening 0), in place.
+
+    ``bufs`` are the momentum buffers, created as zeros (equal to torch's first-step copy of the
+    gradient when dampening is 0); fp32 for bf16/fp16 params. With ``momentum=0`` pass ``bufs=[]``.
+    """
+    if not params:
+        return
+    lists: list[Sequence[torch.Tensor]] = [params, grads] + ([bufs] if momentum != 0.0 else [])
+    _check_lengths(lists, ["params", "grads", "bufs"])
+    if nesterov and momentum <= 0.0:
+        raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum}; set momentum or nesterov=False")
+    kw = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+              grad_scale=grad_scale, skip=skip)
+
+    def torch_path(p, g, b=()):
+        torch_fused.torch_sgd(p, g, b, **kw)
+
+    def triton_path():
+        from lightning_optkit.kernels.triton.sgd import triton_sgd
+
+        return lambda p, g, b=(): triton_sgd(p, g, b, **kw)
+
+    _run(lists, backend, "sgd", torch_path, triton_path)
+
+
+def lion_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor], *,
+    lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+    maximize: bool = False, grad_scale: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Lion step, in place: ``p *= 1 - lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g``.
+
+    ``exp_avgs`` start as zeros; fp32 for bf16/fp16 params.
+    """
+    if not params:
+        return
+    _check_lengths([params, grads, exp_avgs], ["params", "grads", "exp_avgs"])
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+              grad_scale=grad_scale, skip=skip)
+
+    def torch_path(p, g, m):
+        torch_fused.torch_lion(p, g, m, **kw)
+
+    def triton_path():
+        from lightning_optkit.kernels.triton.lion import triton_lion
+
+        return lambda p, g, m: triton_lion(p, g, m, **kw)
+
+    _run([params, grads, exp_avgs], backend, "lion", torch_path, triton_path)
+
+
+def grad_sum_of_squares(grads: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor | None:
+    """Sum of squares of all ``grads`` (fp32), one launch per (device, dtype) group; None if empty.
+
+    The result lives on the first gradient's device. ``sqrt`` of it is the global 2-norm.
+    """
+    if not grads:
+        return None
+    device0 = grads[0].device
+    total: torch.Tensor | None = None
+    for (device, dtype), idx in _groups([grads]).items():
+        sub = [grads[i] for i in idx]
+        path = select_backend(backend, device, dtype, all(g.is_contiguous() for g in sub))
+        if path == "triton":
+            from lightning_optkit.kernels.triton.norm import sum_of_squares
+
+            part = sum_of_squares(sub)
+        else:
+            part = torch_fused.torch_sum_of_squares(sub)
+        part = part.to(device0, non_blocking=True)
+        total = part if total is None else total + part
+    return total
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` as torch.nn.utils.clip_grad_norm_ computes it (on device)."""
+    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)

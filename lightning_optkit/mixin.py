@@ -61,7 +61,10 @@ class OptimizerMixin:
     def configure_optimizers(self) -> Any:
         """Build the optimizers and schedulers from the spec (see :func:`lightning_optkit.build_optimizers`)."""
         trainer = getattr(self, "_trainer", None)
-        return build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
+        result = build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
+        if isinstance(result, list):
+            self.__dict__["_optkit_monitors"] = _take_plateau_monitors(result)
+        return result
 
     # --- manual optimization ---------------------------------------------------------------------
     def _optkit_index(self, optimizer: int | str | None, count: int) -> int:
@@ -119,16 +122,33 @@ class OptimizerMixin:
                     if finished % config.frequency == 0:
                         self._optkit_step_scheduler(config, trainer)
 
-    @staticmethod
-    def _optkit_step_scheduler(config: Any, trainer: Any) -> None:
-        if config.reduce_on_plateau or config.monitor:
-            value = trainer.callback_metrics.get(config.monitor)
-            if value is None:
-                if config.strict:
-                    raise SpecError("monitor", config.monitor, f"log it with self.log({config.monitor!r}, ...) "
-                                    f"before the scheduler steps, or set strict: false; available: "
-                                    f"{sorted(trainer.callback_metrics)}", problem="is not a logged metric")
-                return
-            config.scheduler.step(value)
-        else:
+    def _optkit_step_scheduler(self, config: Any, trainer: Any) -> None:
+        watched = self.__dict__.get("_optkit_monitors", {}).get(id(config.scheduler))
+        if watched is None:
             config.scheduler.step()
+            return
+        monitor, strict = watched
+        value = trainer.callback_metrics.get(monitor)
+        if value is None:
+            if strict:
+                raise SpecError("monitor", monitor, f"log it with self.log({monitor!r}, ...) before the scheduler "
+                                f"steps, or set strict: false; available: {sorted(trainer.callback_metrics)}",
+                                problem="is not a logged metric")
+            return
+        config.scheduler.step(value)
+
+
+def _take_plateau_monitors(configs: list[dict]) -> dict[int, tuple[str, bool]]:
+    """Move monitor keys out of manual-optimization scheduler configs (Lightning drops them there with a
+    warning) and remember them for the torch ReduceLROnPlateau schedulers that need a metric to step.
+    Kit schedules read their metric themselves."""
+    watched: dict[int, tuple[str, bool]] = {}
+    for entry in configs:
+        config = entry.get("lr_scheduler")
+        if not isinstance(config, dict) or "monitor" not in config:
+            continue
+        monitor, strict = config.pop("monitor"), config.pop("strict", True)
+        config.pop("reduce_on_plateau", None)
+        if isinstance(config["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            watched[id(config["scheduler"])] = (monitor, strict)
+    return watched

@@ -149,3 +149,23 @@ def test_several_optimizers_with_accumulation_fail_before_training(quiet_trainer
     trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=1, accumulate_grad_batches=2)
     with pytest.raises(MisconfigurationException, match="accumulation is not supported for manual"):
         trainer.fit(TinyGAN(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+
+
+def test_plateau_scheduler_in_manual_optimization_reads_its_metric(quiet_trainer_kwargs) -> None:
+    class PlateauGAN(TinyGAN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.optim_spec[1] = OptimizerSpec(
+                "sgd", lr=1e-2, params="discriminator.*", name="disc",
+                schedule={"class": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "score", "patience": 0,
+                          "factor": 0.5, "interval": "epoch"})
+
+        def training_step(self, batch, batch_idx):
+            self.log("score", float(self.current_epoch))  # gets worse every epoch in mode="min"
+            super().training_step(batch, batch_idx)
+
+    model = PlateauGAN()
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_epochs=3)
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8))
+    # stepped at the start of epochs 1 (score 0: best so far) and 2 (score 1: worse -> halve)
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.5e-2)

@@ -5,6 +5,7 @@ from lightning_optkit.errors import SpecError
 from lightning_optkit.mixin import OptimizerMixin
 from lightning_optkit.params import plan
 from lightning_optkit.registry import list_optimizers, register_optimizer
+from lightning_optkit.schedules import Schedule, register_schedule
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, ParamGroup
 
 __version__ = "0.1.0"
@@ -19,4 +20,6 @@ __all__ = [
     "list_optimizers",
     "plan",
     "register_optimizer",
+    "register_schedule",
+    "Schedule",
 ]

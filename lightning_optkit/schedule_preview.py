@@ -19,6 +19,7 @@ class PreviewSummary:
     """The lrs of every group at every step, and their peak, end and warmup end."""
 
     lrs: dict[str, list[float]]
+    multipliers: list[float]
     steps: int
     warmup_end: int
     peak: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -29,9 +30,7 @@ class PreviewSummary:
         lines = [f"{self.steps} steps, warmup ends at step {self.warmup_end}"]
         for name, lrs in self.lrs.items():
             step, peak = self.peak[name]
-            lines.append(
-                f"  {name}: start {lrs[0]:.4g}, peak {peak:.4g} at step {step}, end {self.end[name]:.4g}"
-            )
+            lines.append(f"  {name}: start {lrs[0]:.4g}, peak {peak:.4g} at step {step}, end {self.end[name]:.4g}")
         return "\n".join(lines)
 
 
@@ -52,6 +51,7 @@ def preview(
     peak_step = max(range(steps), key=lambda t: (multipliers[t], -t))
     summary = PreviewSummary(
         lrs=lrs,
+        multipliers=multipliers,
         steps=steps,
         warmup_end=curve.warmup_end_step(),
         peak={name: (peak_step, values[peak_step]) for name, values in lrs.items()},
@@ -67,25 +67,34 @@ def preview(
 
 
 def plot(summary: PreviewSummary, schedule: Schedule) -> Any:
-    """A matplotlib Figure (Agg backend): one line per group, the warmup end marked."""
+    """A matplotlib Figure (Agg): every group's lr (log-scaled when they differ > 20x) above the shared
+    multiplier, the warmup end marked on both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    figure, (lr_axes, mult_axes) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
     steps = range(summary.steps)
     for name, lrs in summary.lrs.items():
-        axes.plot(steps, lrs, label=name)
-    if summary.warmup_end:
-        axes.axvline(
-            summary.warmup_end, color="grey", linestyle="--", label=f"warmup end (step {summary.warmup_end})"
-        )
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("learning rate")
-    axes.set_title(f"{schedule!r}", fontsize=9)
-    axes.legend()
-    axes.grid(alpha=0.3)
+        lr_axes.plot(steps, lrs, label=name)
+    peaks = [peak for _, peak in summary.peak.values() if peak > 0]
+    if peaks and max(peaks) > 20 * min(peaks):
+        lr_axes.set_yscale("symlog", linthresh=min(peaks) / 100)
+    mult_axes.plot(steps, summary.multipliers, color="black")
+    for axes in (lr_axes, mult_axes):
+        if summary.warmup_end:
+            axes.axvline(
+                summary.warmup_end, color="grey", linestyle="--", label=f"warmup end (step {summary.warmup_end})"
+            )
+        axes.grid(alpha=0.3)
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_title(f"{schedule!r}", fontsize=9)
+    lr_axes.legend()
+    mult_axes.set_ylabel("multiplier (lr / base)")
+    mult_axes.set_xlabel("optimizer step")
     figure.tight_layout()
     return figure
 

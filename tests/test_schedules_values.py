@@ -188,3 +188,38 @@ def test_unknown_name_suggests_closest() -> None:
 def test_warmup_longer_than_resolved_total_fails_at_resolution() -> None:
     with pytest.raises(SpecError, match="resolves to 50"):
         Schedule("cosine", warmup=50).multipliers(40)
+
+
+REQUIRED = {"exponential": {"gamma": 0.9}, "step": {"step_size": 3}, "multistep": {"milestones": [20, 30]},
+            "inverse_time": {"lr_decay": 0.1}, "plateau": {"monitor": "val_loss"}}
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "inverse_sqrt",
+                                  "exponential", "step", "multistep", "inverse_time", "wsd", "plateau"])
+def test_every_builtin_warms_up_to_one_stays_in_range_and_holds_after_total(name) -> None:
+    schedule = Schedule(name, warmup=10, warmup_start_factor=0.1, min_lr_ratio=0.05, total=40,
+                        **REQUIRED.get(name, {}))
+    ms = schedule.multipliers(60)
+    assert ms[0] == pytest.approx(0.1) and ms[5] == pytest.approx(0.55) and ms[10] == 1.0
+    assert all(0.0 <= m <= 1.0 for m in ms)
+    assert ms[40:] == [ms[40]] * 20
+    if name not in ("constant", "plateau"):
+        assert ms[39] < 1.0  # it does decay
+
+
+def test_register_a_class_and_reject_unreadable_signatures() -> None:
+    from lightning_optkit.schedules import register_schedule
+
+    @register_schedule("test_halving", durations=("every",), needs_total=False, overwrite=True)
+    class Halving:
+        def __init__(self, every: int = 5) -> None:
+            self.every = every
+
+        def __call__(self, step: int, decay_steps: int | None) -> float:
+            return 0.5 ** (step // self.every)
+
+    assert Schedule("test_halving", every="2steps").multipliers(6) == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    with pytest.raises(TypeError, match="name every keyword"):
+        register_schedule("test_bad")(lambda step, decay_steps, **kw: 1.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_schedule("cosine")(lambda step, decay_steps: 1.0)

@@ -84,10 +84,10 @@ class Plateau:
 
 def _fingerprint(value: Any) -> Any:
     """Identifies a metric value without reading it: a tensor by its storage and version counter (the
-    ``.detach()`` copies Lightning hands out share both), a number by itself."""
+    ``.detach()`` copies Lightning hands out share both), anything else by identity."""
     if isinstance(value, torch.Tensor):
         return (value.data_ptr(), value._version)  # _version: no public equivalent for in-place updates
-    return value
+    return id(value)
 
 
 class MetricReader:

@@ -45,7 +45,7 @@ def _coerce_kwarg(kind: ScheduleKind, key: str, value: Any) -> Any:
     """Numeric strings become numbers where the shape's keyword is a number."""
     param = kind.params[key]
     default = param.default
-    annotation = str(param.annotation)
+    annotation = getattr(param.annotation, "__name__", str(param.annotation))
     if key in kind.durations:
         if isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
@@ -74,7 +74,8 @@ class Schedule:
     ``min_lr_ratio`` is the floor, as a fraction of each group's own lr. ``interval="epoch"`` makes the
     lr change only at epoch boundaries and bare ints count epochs (the scheduler still steps per
     optimizer step, so mid-epoch resumes stay exact). Other keywords go to the shape (see
-    :func:`register_schedule`).
+    :func:`register_schedule`). ``plateau`` takes ReduceLROnPlateau's keywords plus ``monitor`` and
+    ``strict`` and may have a warmup (see :mod:`lightning_optkit.schedules.plateau`).
     """
 
     def __init__(

@@ -32,8 +32,10 @@ class KitLRScheduler(LRScheduler):
     * ``step()`` never emits torch's "lr_scheduler.step() before optimizer.step()" warning: the kit
       counts Lightning's optimizer steps, including ones skipped by AMP overflow or a skip guard,
       so that the schedule stays aligned with ``trainer.global_step``.
-    * With ``plateau``, ``step(metric)`` feeds a new metric value (or ``reader`` fetches it); the
-      plateau factor multiplies the curve (see :mod:`lightning_optkit.schedules.plateau`).
+    * With ``plateau``, ``step(metric)`` feeds one new result of the monitored metric (every call with
+      a metric counts, as in torch's ReduceLROnPlateau); ``step()`` advances the warmup only, unless a
+      ``reader`` fetches new values from a Trainer. The plateau factor multiplies the curve (see
+      :mod:`lightning_optkit.schedules.plateau`).
     """
 
     def __init__(

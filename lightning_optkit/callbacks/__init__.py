@@ -1,1 +1,6 @@
 """Lightning callbacks: clipping, the non-finite step guard, the optimizer monitor, schedule-free mode."""
+
+from lightning_optkit.callbacks.clipping import CLIP_ALGORITHMS, GradientClipping
+from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
+
+__all__ = ["CLIP_ALGORITHMS", "GradientClipping", "NonFiniteGuard", "TooManySkippedSteps"]

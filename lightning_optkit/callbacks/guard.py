@@ -38,6 +38,7 @@ class _OptimizerTrack:
         self.skipped = torch.zeros((), dtype=torch.float32)
         self.consecutive = torch.zeros((), dtype=torch.float32)
         self.stats = RunningNormStats(alpha=spike_alpha, warmup=spike_warmup)
+        self.host_run: int | None = None  # host mirror of `consecutive` on the host-sync path
 
     def to(self, device: torch.device) -> None:
         if self.skipped.device != device:
@@ -56,7 +57,8 @@ class NonFiniteGuard(Callback):
         skip_on_spike: If set to ``k``, also skip when the total gradient norm exceeds the running
             mean of past (accepted) norms by ``k`` standard deviations, once ``spike_warmup``
             norms were seen. Statistics: exact mean/variance during warmup, then an EMA with
-            decay ``spike_alpha``. Skipped norms do not enter them.
+            decay ``spike_alpha``. Skipped norms do not enter them, so a lasting jump of the norm
+            keeps being skipped until ``max_consecutive_skips`` stops the run.
         max_consecutive_skips: Raise after this many consecutive skipped steps (per optimizer).
         spike_warmup: Norms to observe before spike detection starts.
         spike_alpha: EMA decay of the spike statistics after warmup.
@@ -161,26 +163,32 @@ class NonFiniteGuard(Callback):
         elif scaler is not None:
             mark_scaler_skip(scaler, raw, skip)
         elif is_fused_amp_optimizer(raw):
-            flag = skip.float().reshape(1)
+            flag = skip.float().reshape(())
             raw.found_inf = flag  # read by torch's fused step; removed in on_train_batch_end
             self._armed.append((raw, flag))
         else:
             synced = True
-            if bool(skip):  # the one host transfer per step of this path
+            skip_host = bool(skip)  # the one host transfer per step of this path
+            if track.host_run is None:
+                track.host_run = int(track.consecutive)  # first step or after a checkpoint load
+            else:
+                track.host_run = track.host_run + 1 if skip_host else 0
+            if skip_host:
                 for group in raw.param_groups:
                     for p in group["params"]:
                         p.grad = None
 
         logging = is_logging_step(trainer)
-        if synced or logging:
-            self._check_consecutive(idx, track)
+        if synced:
+            self._check_consecutive(idx, track.host_run)
+        elif logging:
+            self._check_consecutive(idx, int(track.consecutive))
         if logging:
             suffix = f"_opt{idx}" if len(trainer.optimizers) > 1 else ""
             pl_module.log(f"guard/skipped_steps{suffix}", track.skipped, on_step=True, on_epoch=False)
             pl_module.log(f"guard/consecutive_skips{suffix}", track.consecutive, on_step=True, on_epoch=False)
 
-    def _check_consecutive(self, idx: int, track: _OptimizerTrack) -> None:
-        run = int(track.consecutive)
+    def _check_consecutive(self, idx: int, run: int) -> None:
         if run >= self.max_consecutive_skips:
             raise TooManySkippedSteps(
                 f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {idx} "

@@ -1,0 +1,51 @@
+"""lightning_optkit.norms against torch.nn.utils.get_total_norm and a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_optkit.norms import check_norm_type, params_by_module_prefix, tensor_norms, total_norm
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_total_norm_matches_float64_reference(p):
+    tensors = [torch.randn(3, 5), torch.randn(7, dtype=torch.float64), torch.randn(4, 2).bfloat16(), torch.randn(1)]
+    flat = torch.cat([t.double().flatten() for t in tensors])
+    expected = torch.linalg.vector_norm(flat, p)
+    got = total_norm(tensors, p)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, torch.nn.utils.get_total_norm([t.float() for t in tensors], p), rtol=1e-6,
+                               atol=0)
+    for t, n in zip(tensors, tensor_norms(tensors, p), strict=True):
+        torch.testing.assert_close(n.double(), torch.linalg.vector_norm(t.double(), p), rtol=1e-5, atol=0)
+
+
+def test_nonfinite_propagates_and_empty_is_zero():
+    assert torch.isnan(total_norm([torch.randn(3), torch.tensor([math.nan])]))
+    assert torch.isinf(total_norm([torch.randn(3), torch.tensor([math.inf])], math.inf))
+    assert total_norm([]).item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, -math.inf, math.nan])
+def test_bad_norm_type(bad):
+    with pytest.raises(ValueError, match="norm_type"):
+        check_norm_type(bad)
+
+
+def test_params_by_module_prefix():
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    model.add_module("head", nn.Linear(2, 1))
+    one = params_by_module_prefix(model, depth=1)
+    assert list(one) == ["encoder", "head"] and len(one["encoder"]) == 4
+    two = params_by_module_prefix(model, depth=2)
+    assert list(two) == ["encoder.0", "encoder.1", "head"]
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    assert params_by_module_prefix(model, only_with_grad=True) == {"head": [model.head.weight]}
+    with pytest.raises(ValueError, match="depth"):
+        params_by_module_prefix(model, depth=0)

@@ -1,0 +1,259 @@
+"""NonFiniteGuard with real Lightning Trainers on CPU: exact skips, counters, errors, interplay."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optkit.callbacks.clipping import GradientClipping
+from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
+from lightning_optkit.errors import SpecError
+from lightning_optkit.optim.modifiers import StepModifiers
+
+
+def make_loader(n: int = 96, batch_size: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 8), torch.randn(n, 4)), batch_size=batch_size)
+
+
+class ModSGD(StepModifiers, torch.optim.Optimizer):
+    """A minimal kit-style optimizer honouring the deferred scale and skip flag, branch-free."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale, skip = self.pop_step_modifiers()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad * group["lr"]
+                if scale is not None:
+                    update = update * scale
+                if skip is not None:
+                    update = torch.where(skip, torch.zeros_like(update), update)
+                p.sub_(update)
+        return loss
+
+
+def make_optimizer(kind: str, params):
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.01)
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(params, lr=0.01, fused=True)
+    return ModSGD(params, lr=0.05)
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, optimizer: str, bad_batches=(), bad_factor: float = math.nan) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        self.optimizer_kind = optimizer
+        self.bad_batches = set(bad_batches)
+        self.bad_factor = bad_factor
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        if batch_idx in self.bad_batches or (-1 in self.bad_batches and batch_idx >= 1):
+            loss = loss * self.bad_factor
+        return loss
+
+    def configure_optimizers(self):
+        return make_optimizer(self.optimizer_kind, self.parameters())
+
+
+def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()["state"]
+    return {
+        "params": [p.detach().clone() for p in module.parameters()],
+        "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in state.items()},
+    }
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert len(a["params"]) == len(b["params"])
+    for p, q in zip(a["params"], b["params"], strict=True):
+        assert torch.equal(p, q)
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, v in a["state"][k].items():
+            w = b["state"][k][name]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (k, name)
+
+
+class Snapshots(pl.Callback):
+    """Model and optimizer state around the given batches; also ``extra()`` after each of them."""
+
+    def __init__(self, batches, extra=lambda: None) -> None:
+        self.batches, self.extra = set(batches), extra
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+        self.extras: dict[int, object] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in self.batches:
+            self.before[batch_idx] = snapshot(pl_module, trainer.optimizers[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx in self.batches:
+            self.after[batch_idx] = snapshot(pl_module, trainer.optimizers[0])
+            self.extras[batch_idx] = self.extra()
+
+
+def read_csv_column(logger: CSVLogger, key: str) -> list[float]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw_fused", "kit"])
+def test_nan_step_is_skipped_exactly_and_counted(kind, quiet_trainer_kwargs, tmp_path):
+    k = 3
+    model = Regressor(kind, bad_batches=(k,))
+    snaps = Snapshots([k, k + 1])
+    logger = CSVLogger(tmp_path, name="guard")
+    kwargs = {**quiet_trainer_kwargs, "logger": logger}
+    trainer = pl.Trainer(**kwargs, max_steps=k + 3, log_every_n_steps=1, callbacks=[NonFiniteGuard(), snaps])
+    trainer.fit(model, make_loader())
+    assert trainer.global_step == k + 3  # the run went on to the end
+    assert_bit_identical(snaps.before[k], snaps.after[k])
+    after_next = snaps.after[k + 1]["params"]
+    assert not all(torch.equal(p, q) for p, q in zip(snaps.before[k + 1]["params"], after_next, strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 1
+    assert trainer.callback_metrics["guard/consecutive_skips"].item() == 0
+    logged = read_csv_column(logger, "guard/skipped_steps")
+    assert logged[:k] == [0.0] * k and logged[-1] == 1.0
+    optimizer = trainer.optimizers[0]
+    assert "found_inf" not in optimizer.__dict__  # no skip flag left behind on a fused optimizer
+    if kind != "kit":
+        steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
+        assert steps == {k + 3 - 1}  # the skipped step did not advance Adam's step counter
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw_fused"])
+def test_consecutive_skips_raise(kind, quiet_trainer_kwargs):
+    model = Regressor(kind, bad_batches=(-1,))  # every batch from 1 on is NaN
+    guard = NonFiniteGuard(max_consecutive_skips=3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=20, log_every_n_steps=1, callbacks=[guard])
+    with pytest.raises(TooManySkippedSteps, match=r"skipped 3 consecutive .*max_consecutive_skips=3"):
+        trainer.fit(model, make_loader())
+    assert trainer.global_step == 3  # batch 0 fine, batches 1 and 2 skipped, batch 3 raised
+    assert "found_inf" not in trainer.optimizers[0].__dict__
+
+
+def test_one_bad_batch_never_raises_even_with_limit_one(quiet_trainer_kwargs):
+    model = Regressor("adamw", bad_batches=(2, 4))
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=6, log_every_n_steps=1,
+                         callbacks=[NonFiniteGuard(max_consecutive_skips=2)])
+    trainer.fit(model, make_loader())
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 2
+
+
+def test_spike_is_skipped_after_warmup(quiet_trainer_kwargs):
+    k = 8
+    model = Regressor("adamw", bad_batches=(k,), bad_factor=1e4)
+    snaps = Snapshots([k])
+    guard = NonFiniteGuard(skip_on_spike=6.0, spike_warmup=4)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=k + 2, log_every_n_steps=1, callbacks=[guard, snaps])
+    trainer.fit(model, make_loader())
+    assert_bit_identical(snaps.before[k], snaps.after[k])
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 1
+
+
+@pytest.mark.parametrize("order", ["clip_first", "guard_first"])
+@pytest.mark.parametrize("kind", ["adamw", "adamw_fused", "kit"])
+def test_skip_wins_over_clipping(order, kind, quiet_trainer_kwargs):
+    k = 2
+    clip, guard = GradientClipping(max_norm=0.5), NonFiniteGuard()
+    snaps = Snapshots([k], extra=lambda: clip.last_clip_coef)
+    callbacks = [clip, guard] if order == "clip_first" else [guard, clip]
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=k + 2, log_every_n_steps=1,
+                         callbacks=[*callbacks, snaps])
+    trainer.fit(Regressor(kind, bad_batches=(k,)), make_loader())
+    assert_bit_identical(snaps.before[k], snaps.after[k])
+    coef = snaps.extras[k]
+    if not (order == "guard_first" and kind == "adamw"):  # host path drops the grads before clipping
+        assert torch.isnan(coef), "a NaN norm must give a NaN coefficient, never a finite one"
+    assert torch.isfinite(clip.last_clip_coef)
+
+
+def test_kit_optimizer_receives_deferred_scale(quiet_trainer_kwargs):
+    loader = make_loader()
+    model = Regressor("kit")
+    ref = copy.deepcopy(model.net)
+    clip = GradientClipping(max_norm=0.3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=3, callbacks=[clip])
+    trainer.fit(model, loader)
+    for _, (x, y) in zip(range(3), loader, strict=False):
+        ref.zero_grad()
+        F.mse_loss(ref(x), y).backward()
+        raw = [p.grad.clone() for p in ref.parameters()]
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.sub_(0.05 * p.grad)
+    assert norm.item() > 0.3
+    for p, q in zip(model.net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.net.parameters(), raw, strict=True):  # deferred: grads were not scaled in place
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(skip_on_spike=-1.0), "skip_on_spike"),
+        (dict(skip_on_spike=math.inf), "skip_on_spike"),
+        (dict(max_consecutive_skips=0), "max_consecutive_skips"),
+        (dict(max_consecutive_skips=2.5), "max_consecutive_skips"),
+        (dict(skip_on_spike=3.0, spike_warmup=0), "spike_warmup"),
+        (dict(skip_on_spike=3.0, spike_alpha=1.0), "spike_alpha"),
+        (dict(spike_warmup=5), "skip_on_spike"),
+        (dict(norm_type=-2), "norm_type"),
+    ],
+)
+def test_invalid_arguments_name_the_field(kwargs, field):
+    with pytest.raises(SpecError) as err:
+        NonFiniteGuard(**kwargs)
+    assert err.value.field == field
+    assert "Fix:" in str(err.value)
+
+
+def test_counters_and_spike_stats_resume_from_checkpoint(quiet_trainer_kwargs, tmp_path):
+    loader = make_loader(n=48)  # 6 batches per epoch
+    guard = NonFiniteGuard(skip_on_spike=6.0, spike_warmup=3)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_epochs=1, callbacks=[guard])
+    trainer.fit(Regressor("adamw", bad_batches=(2,)), loader)
+    ckpt = tmp_path / "guard.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = guard.state_dict()[0]
+
+    resumed = NonFiniteGuard(skip_on_spike=6.0, spike_warmup=3)
+    loaded = {}
+
+    class Peek(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            loaded.update(resumed.state_dict()[0])
+
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_epochs=2, log_every_n_steps=1, callbacks=[resumed, Peek()])
+    trainer.fit(Regressor("adamw"), loader, ckpt_path=ckpt)
+    assert loaded["skipped"].item() == 1
+    for name in ("mean", "var", "count"):
+        assert torch.equal(loaded["stats"][name], saved["stats"][name])
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 1

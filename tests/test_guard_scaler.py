@@ -1,0 +1,93 @@
+"""GradientClipping and NonFiniteGuard under a GradScaler (16-mixed), run on CPU with an explicit
+``MixedPrecision(scaler=torch.amp.GradScaler("cpu"))`` plugin: the path GPUs take with fp16."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optkit.callbacks.clipping import GradientClipping
+from lightning_optkit.callbacks.guard import NonFiniteGuard
+
+
+def scaled_precision() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, fused: bool, bad_batch: int | None = None, bad_factor: float = float("nan")) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        self.fused, self.bad_batch, self.bad_factor = fused, bad_batch, bad_factor
+
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self.net(batch[0]), batch[1])
+        return loss * self.bad_factor if batch_idx == self.bad_batch else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
+
+
+def make_loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(96, 8), torch.randn(96, 4) * 3), batch_size=8)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_clipping_sees_unscaled_gradients(fused, quiet_trainer_kwargs):
+    loader = make_loader()
+    model = Regressor(fused)
+    ref = copy.deepcopy(model.net)
+    clip = GradientClipping(max_norm=0.5)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, plugins=[scaled_precision()], callbacks=[clip])
+    trainer.fit(model, loader)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _, (x, y) in zip(range(4), loader, strict=False):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.half):
+            loss = F.mse_loss(ref(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+    assert norm.item() > 0.5
+    assert clip.last_total_norm.item() == pytest.approx(norm.item(), rel=1e-4)  # not 1024x
+    for p, q in zip(model.net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bad_factor", [float("nan"), 1e3])
+def test_guard_skips_nan_and_spikes_under_scaler(fused, bad_factor, quiet_trainer_kwargs):
+    k = 6
+    model = Regressor(fused, bad_batch=k, bad_factor=bad_factor)
+    before = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == k:
+                before["params"] = [p.detach().clone() for p in pl_module.parameters()]
+                before["scale"] = trainer.precision_plugin.scaler.get_scale()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == k:
+                before["after"] = [p.detach().clone() for p in pl_module.parameters()]
+                before["scale_after"] = trainer.precision_plugin.scaler.get_scale()
+
+    guard = NonFiniteGuard(skip_on_spike=6.0, spike_warmup=4)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=k + 2, log_every_n_steps=1,
+                         plugins=[scaled_precision()], callbacks=[guard, Snap()])
+    trainer.fit(model, make_loader())
+    for p, q in zip(before["params"], before["after"], strict=True):
+        assert torch.equal(p, q)
+    assert before["scale_after"] == before["scale"] / 2  # the scaler saw the skip as an inf step
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

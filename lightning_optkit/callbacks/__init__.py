@@ -2,5 +2,6 @@
 
 from lightning_optkit.callbacks.clipping import CLIP_ALGORITHMS, GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
+from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
 
-__all__ = ["CLIP_ALGORITHMS", "GradientClipping", "NonFiniteGuard", "TooManySkippedSteps"]
+__all__ = ["CLIP_ALGORITHMS", "GradientClipping", "NonFiniteGuard", "ScheduleFreeMode", "TooManySkippedSteps"]

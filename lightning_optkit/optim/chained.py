@@ -16,12 +16,15 @@ class _ChainedState(MutableMapping):
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         self._optimizers = optimizers
+        self._owners = {
+            id(p): optimizer for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]
+        }
 
     def _owner(self, param: Tensor) -> torch.optim.Optimizer:
-        for optimizer in self._optimizers:
-            if any(p is param for group in optimizer.param_groups for p in group["params"]):
-                return optimizer
-        raise KeyError(param)
+        owner = self._owners.get(id(param))
+        if owner is None:
+            raise KeyError(param)
+        return owner
 
     def __getitem__(self, param: Tensor) -> Any:
         return self._owner(param).state[param]
@@ -47,7 +50,12 @@ class ChainedOptimizer(torch.optim.Optimizer):
     scheduler built on the chain drives every member. ``step(closure)`` runs the closure once (with
     grad enabled) and then steps every member in order; ``zero_grad``, ``state_dict`` and
     ``load_state_dict`` cover all members. Typical use: ``torch.optim.Muon`` for 2-D hidden weight
-    matrices and ``torch.optim.AdamW`` for everything else, with one schedule.
+    matrices and ``torch.optim.AdamW`` for everything else, with one schedule. (torch 2.13's Muon
+    raises ValueError for any parameter that is not 2-D and has no complex support; its defaults are
+    lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=None.)
+
+    The chain does not accept deferred step modifiers itself: clipping callbacks scale its members'
+    gradients directly. Members that are kit optimizers still accept them individually.
     """
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:

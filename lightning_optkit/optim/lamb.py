@@ -46,7 +46,10 @@ class LAMB(KitOptimizer):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          max_trust_ratio=max_trust_ratio, foreach=foreach)
 
-    def _update(self, group, params, grads, state, steps) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state: dict[str, list[Tensor]], steps: list[Tensor],
+    ) -> None:
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)

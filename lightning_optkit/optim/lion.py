@@ -39,12 +39,16 @@ class Lion(KitOptimizer):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach,
                          fused=fused)
 
-    def _update(self, group, params, grads, state, steps) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state: dict[str, list[Tensor]], steps: list[Tensor],
+    ) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         exp_avgs = state["exp_avg"]
         if wd != 0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            # p * (1 - lr*wd), written as p - (lr*wd)*p: rounding then only touches the small term.
+            torch._foreach_add_(params, params, alpha=-lr * wd)
         direction = torch._foreach_mul(exp_avgs, beta1)
         torch._foreach_add_(direction, grads, alpha=1.0 - beta1)
         torch._foreach_sign_(direction)

@@ -44,7 +44,10 @@ class MomentumSGD(KitOptimizer):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                          foreach=foreach, fused=fused)
 
-    def _update(self, group, params, grads, state, steps) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state: dict[str, list[Tensor]], steps: list[Tensor],
+    ) -> None:
         momentum, lr = group["momentum"], group["lr"]
         if group["weight_decay"] != 0:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])

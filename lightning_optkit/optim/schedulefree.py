@@ -118,7 +118,10 @@ class ScheduleFreeAdamW(KitOptimizer):
                 "steps and optimizer.eval() before evaluation (or add the ScheduleFreeMode callback)"
             )
 
-    def _update(self, group, params, grads, state, steps) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        state: dict[str, list[Tensor]], steps: list[Tensor],
+    ) -> None:
         beta1, beta2 = group["betas"]
         zs, exp_avg_sqs = state["z"], state["exp_avg_sq"]
         weight_sums, lr_maxes = state["weight_sum"], state["lr_max"]

@@ -9,7 +9,7 @@ import torch
 from lightning_optkit.build import build_optimizers
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import optimizer_labels
-from lightning_optkit.spec import spec_from_data
+from lightning_optkit.spec import ChainSpec, spec_from_data
 
 
 class OptimizerMixin:
@@ -65,6 +65,21 @@ class OptimizerMixin:
         if isinstance(result, list):
             self.__dict__["_optkit_monitors"] = _take_plateau_monitors(result)
         return result
+
+    def configure_callbacks(self) -> list:
+        """Add ScheduleFreeMode when the spec uses ScheduleFreeAdamW (validation must see its averaged weights)."""
+        callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
+        if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
+            return callbacks
+        from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
+        from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
+
+        spec = self._optkit_spec()
+        specs = spec.specs if isinstance(spec, ChainSpec) else spec if isinstance(spec, list) else [spec]
+        uses = any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs)
+        if uses and not any(isinstance(c, ScheduleFreeMode) for c in callbacks):
+            callbacks.append(ScheduleFreeMode())
+        return callbacks
 
     # --- manual optimization ---------------------------------------------------------------------
     def _optkit_index(self, optimizer: int | str | None, count: int) -> int:

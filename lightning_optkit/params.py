@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,13 @@ def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> 
         return isinstance(owner, selector)
     if isinstance(selector, (list, tuple)):
         return any(matches(s, name, param, owner) for s in selector)
+    if isinstance(selector, Mapping):
+        dims = selector.get("ndim")
+        if dims is not None and param.ndim not in (dims if isinstance(dims, (list, tuple)) else [dims]):
+            return False
+        if "match" in selector and not matches(selector["match"], name, param, owner):
+            return False
+        return not ("exclude" in selector and matches(selector["exclude"], name, param, owner))
     return bool(selector(name, param))
 
 
@@ -113,7 +120,7 @@ def _describe(selector: Any) -> Any:
     """A selector as shown in error messages: itself for strings and lists, a name for classes and callables."""
     if inspect.isclass(selector):
         return f"type:{selector.__qualname__}"
-    if isinstance(selector, (str, list, tuple)):
+    if isinstance(selector, (str, list, tuple, Mapping)):
         return selector
     return getattr(selector, "__name__", repr(selector))
 

@@ -22,7 +22,8 @@ from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.registry import check_optimizer_kwargs, optimizer_keywords, resolve_optimizer
 
 # A parameter selector: a glob on the qualified name, "re:<regex>", "type:<dotted.Module>", a module
-# class, a predicate (name, param) -> bool, or a list of those.
+# class, a predicate (name, param) -> bool, a list of those (any matches), or a mapping
+# {"match": <selector>, "ndim": 2 or [..], "exclude": <selector>} (all conditions hold; YAML-friendly).
 Selector = str | type | Callable[[str, torch.nn.Parameter], bool] | Sequence[Any]
 
 
@@ -95,6 +96,21 @@ def check_selector(field_name: str, selector: Any) -> None:
         if not issubclass(selector, torch.nn.Module):
             raise SpecError(field_name, selector, "give a torch.nn.Module subclass such as torch.nn.LayerNorm",
                             problem="is a class that is not a torch.nn.Module")
+        return
+    if isinstance(selector, Mapping):
+        unknown = set(selector) - {"match", "ndim", "exclude"}
+        if unknown or not selector:
+            raise SpecError(field_name, dict(selector), "a mapping selector takes 'match', 'ndim' and 'exclude', e.g. "
+                            "{match: 'blocks.*', ndim: 2}", problem="has unknown or no keys")
+        if "match" in selector:
+            check_selector(f"{field_name}.match", selector["match"])
+        if "exclude" in selector:
+            check_selector(f"{field_name}.exclude", selector["exclude"])
+        if "ndim" in selector:
+            dims = selector["ndim"] if isinstance(selector["ndim"], (list, tuple)) else [selector["ndim"]]
+            if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+                raise SpecError(f"{field_name}.ndim", selector["ndim"], "give an integer or a list of integers >= 0",
+                                problem="is invalid")
         return
     if isinstance(selector, (list, tuple)):
         if not selector:
@@ -188,6 +204,8 @@ def _selector_to_data(selector: Any) -> Any:
         return f"type:{selector.__module__}.{selector.__qualname__}"
     if isinstance(selector, (list, tuple)):
         return [_selector_to_data(s) for s in selector]
+    if isinstance(selector, Mapping):
+        return {k: v if k == "ndim" else _selector_to_data(v) for k, v in selector.items()}
     return selector
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,20 +114,44 @@ def _iter_payloads(data: bytes, verify_crc: bool) -> Iterator[bytes]:
                                  "is out of sequence.")
 
 
-def iter_records(run_dir_or_wandb_file: str | Path, *, verify_crc: bool = True) -> Iterator[Any]:
-    """Yield every ``wandb_internal_pb2.Record`` of a run, in file order."""
+def _parse(path: Path, verify_crc: bool) -> list[Any]:
     from wandb.proto import wandb_internal_pb2  # lazy: wandb is an optional dependency
 
-    data = _wandb_file(run_dir_or_wandb_file).read_bytes()
+    data = path.read_bytes()
     if len(data) < _FILE_HEADER_LEN or data[:4] != _HEADER:
-        raise WandbFileError(f"{run_dir_or_wandb_file!s} does not start with {_HEADER!r}: not a .wandb file.")
+        raise WandbFileError(f"{path!s} does not start with {_HEADER!r}: not a .wandb file.")
     (magic,) = struct.unpack_from("<H", data, 4)
     if magic != _MAGIC:
-        raise WandbFileError(f"{run_dir_or_wandb_file!s} has magic {magic:#x}, expected {_MAGIC:#x}.")
+        raise WandbFileError(f"{path!s} has magic {magic:#x}, expected {_MAGIC:#x}.")
+    records = []
     for payload in _iter_payloads(data, verify_crc):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
-        yield record
+        records.append(record)
+    return records
+
+
+def iter_records(run_dir_or_wandb_file: str | Path, *, verify_crc: bool = True,
+                 timeout: float = 10.0) -> Iterator[Any]:
+    """Yield every ``wandb_internal_pb2.Record`` of a run, in file order.
+
+    ``wandb.finish()`` can return while wandb-core is still flushing the file, so until the run's
+    ``exit`` record (written last) is in the file this re-reads it for up to ``timeout`` seconds, then
+    raises WandbFileError. ``timeout=0`` reads whatever is there now (a live or crashed run).
+    """
+    path = _wandb_file(run_dir_or_wandb_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse(path, verify_crc)
+        if timeout <= 0 or any(r.WhichOneof("record_type") == "exit" for r in records):
+            return iter(records)
+        if time.monotonic() >= deadline:
+            raise WandbFileError(
+                f"{path!s} has no exit record after {timeout} s: the run is still running, is still being "
+                "flushed, or crashed. Fix: call wandb.finish() first, or pass timeout=0 to read the rows "
+                "written so far."
+            )
+        time.sleep(0.05)
 
 
 def _items_to_dict(items: Any) -> dict[str, Any]:
@@ -141,15 +166,16 @@ def _items_to_dict(items: Any) -> dict[str, Any]:
     return row
 
 
-def read_history(run_dir_or_wandb_file: str | Path, *, verify_crc: bool = True) -> list[dict[str, Any]]:
+def read_history(run_dir_or_wandb_file: str | Path, *, verify_crc: bool = True,
+                 timeout: float = 10.0) -> list[dict[str, Any]]:
     """The logged history rows of a run, one dict per ``run.log`` call, in order.
 
     Accepts a ``.wandb`` file, a run folder or a WandbLogger ``save_dir`` (its newest run is read).
     Values are decoded from JSON; W&B's own ``_step``, ``_runtime`` and ``_timestamp`` are kept.
-    Call ``wandb.finish()`` first so the file is complete.
+    Call ``wandb.finish()`` first; ``timeout`` is as in :func:`iter_records`.
     """
     return [
         _items_to_dict(record.history.item)
-        for record in iter_records(run_dir_or_wandb_file, verify_crc=verify_crc)
+        for record in iter_records(run_dir_or_wandb_file, verify_crc=verify_crc, timeout=timeout)
         if record.WhichOneof("record_type") == "history"
     ]

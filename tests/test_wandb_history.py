@@ -8,7 +8,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from lightning_optkit.wandb_history import WandbFileError, find_run_dir, read_history  # noqa: E402
+from lightning_optkit.wandb_history import WandbFileError, find_run_dir, iter_records, read_history  # noqa: E402
 
 
 @pytest.fixture
@@ -23,6 +23,7 @@ def offline_run(tmp_path):
     run.log({"big": big, "after_big": 7})
     run.log({"tail": -3})
     wandb.finish()
+    list(iter_records(tmp_path))  # waits until wandb-core has flushed the whole file (its exit record)
     return tmp_path, rows, big
 
 
@@ -69,6 +70,18 @@ def test_corrupt_chunk_fails_the_checksum(offline_run, tmp_path_factory):
     with pytest.raises(WandbFileError, match="bad checksum"):
         read_history(broken)
     assert len(read_history(broken, verify_crc=False)) == 6  # the check is what caught it
+
+
+def test_unfinished_file_waits_then_raises_or_reads_what_is_there(offline_run, tmp_path_factory):
+    save_dir, rows, _ = offline_run
+    data = next(find_run_dir(save_dir).glob("*.wandb")).read_bytes()
+    cut = data.find(b"big") - 20  # inside the first record carrying "big" (the summary before row 4)
+    partial = tmp_path_factory.mktemp("partial") / "run-x.wandb"
+    partial.write_bytes(data[:cut])
+    with pytest.raises(WandbFileError, match="no exit record after 0.2 s"):
+        read_history(partial, timeout=0.2)
+    history = read_history(partial, timeout=0)
+    assert [h["_step"] for h in history] == [0, 1, 2, 3] and history[2]["loss"] == rows[2]["loss"]
 
 
 def test_not_a_wandb_file_and_no_run(tmp_path):

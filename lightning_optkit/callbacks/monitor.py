@@ -108,6 +108,7 @@ class _PendingStep:
     param_norms: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
     clip_coef: torch.Tensor | None = None
+    coef_before: Any = None  # the clipping callback's last_clip_coef before this step, to spot a stale one
 
 
 class _OneTransfer:
@@ -198,9 +199,10 @@ class OptimizerMonitor(Callback):
     ahead of a gradient-clipping callback (one exposing ``last_total_norm`` and ``last_clip_coef``,
     e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here.
     If an optimizer steps several times in one batch (manual optimization), its first step is
-    reported and the update is the change over the whole batch. ``total_clipped`` uses the clipping
-    callback's ``last_clip_coef`` (for its ``value``/``agc`` algorithms refreshed on Lightning's
-    logging steps only).
+    reported and the update is the change over the whole batch. ``total_clipped`` and ``clip_coef``
+    come from the clipping callback's ``last_clip_coef`` and are left out when it did not set a new
+    one during the logged step (GradientClipping's ``value``/``agc`` refresh it on Lightning's logging
+    steps only).
     """
 
     def __init__(
@@ -331,7 +333,7 @@ class OptimizerMonitor(Callback):
         pending, self._awaiting_clip = self._awaiting_clip, None
         if pending is not None and self._clip is not None:
             coef = getattr(self._clip, "last_clip_coef", None)
-            if isinstance(coef, torch.Tensor):
+            if isinstance(coef, torch.Tensor) and coef is not pending.coef_before:  # set during this step
                 pending.clip_coef = coef.detach().clone()  # the callback may update it in place later
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -366,6 +368,7 @@ class OptimizerMonitor(Callback):
         self._pending[id(raw)] = pending
         if self._clip is not None:
             self._awaiting_clip = pending
+            pending.coef_before = getattr(self._clip, "last_clip_coef", None)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

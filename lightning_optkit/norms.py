@@ -52,7 +52,7 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> lis
     float32 so bf16/fp16 gradients do not overflow or lose precision.
     """
     norm_type = check_norm_type(norm_type)
-    tensors = [t.detach() for t in tensors]
+    tensors = list(tensors)  # gradients never require grad; foreach_norm reads them as they are
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (_, dtype), idx in group_by_device_dtype(tensors).items():
         group = [tensors[i] for i in idx]
@@ -61,7 +61,7 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> lis
         else:
             norms = torch._foreach_norm(group, norm_type)
         for i, n in zip(idx, norms, strict=True):
-            out[i] = n.float()
+            out[i] = n if n.dtype == torch.float32 else n.float()
     return out  # type: ignore[return-value]
 
 
@@ -72,7 +72,8 @@ def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
     device = device if device is not None else norms[0].device
-    stacked = torch.stack([n.to(device, torch.float32) for n in norms])
+    stacked = torch.stack([n if n.device == device and n.dtype == torch.float32 else n.to(device, torch.float32)
+                           for n in norms])
     if math.isinf(norm_type):
         return stacked.max()
     return torch.linalg.vector_norm(stacked, norm_type)

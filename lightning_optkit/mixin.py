@@ -67,18 +67,30 @@ class OptimizerMixin:
         return result
 
     def configure_callbacks(self) -> list:
-        """Add ScheduleFreeMode when the spec uses ScheduleFreeAdamW (validation must see its averaged weights)."""
+        """Add the callbacks the spec needs to behave as written.
+
+        ScheduleFreeMode when the spec uses ScheduleFreeAdamW (validation and checkpoints must see its
+        averaged weights); RestoreLoaderPosition when a kit schedule resolves its durations from the
+        trainer (that sets the train loader up before a checkpoint's loader position is restored,
+        Lightning issue #20550, so a stateful loader would silently restart its epoch).
+        """
         callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
         if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
             return callbacks
         from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
+        from lightning_optkit.distributed.resume import RestoreLoaderPosition
         from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
+        from lightning_optkit.schedules import Schedule
 
         spec = self._optkit_spec()
         specs = spec.specs if isinstance(spec, ChainSpec) else spec if isinstance(spec, list) else [spec]
         uses = any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs)
         if uses and not any(isinstance(c, ScheduleFreeMode) for c in callbacks):
             callbacks.append(ScheduleFreeMode())
+        schedules = [spec.schedule] if isinstance(spec, ChainSpec) else [s.schedule for s in specs]
+        if any(isinstance(s, Schedule) for s in schedules) and not any(
+                isinstance(c, RestoreLoaderPosition) for c in callbacks):
+            callbacks.append(RestoreLoaderPosition())
         return callbacks
 
     # --- manual optimization ---------------------------------------------------------------------

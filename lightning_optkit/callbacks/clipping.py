@@ -21,7 +21,7 @@ from lightning_optkit.callbacks._step_context import (
 )
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import check_norm_type, combine_norms, tensor_norms
-from lightning_optkit.optim.modifiers import AcceptsStepModifiers
+from lightning_optkit.optim.modifiers import accepts_step_modifiers
 
 __all__ = ["GradientClipping", "CLIP_ALGORITHMS"]
 
@@ -292,7 +292,7 @@ class GradientClipping(Callback):
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
                       coef: torch.Tensor) -> None:
-        if isinstance(raw, AcceptsStepModifiers) and not self._excluded_ids:
+        if accepts_step_modifiers(raw) and not self._excluded_ids:
             raw.defer_grad_scale(coef)  # applied inside the kit optimizer's update, no extra pass
         else:
             _scale_grads_(grads, coef)

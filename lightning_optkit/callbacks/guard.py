@@ -22,7 +22,7 @@ from lightning_optkit.callbacks._step_context import (
 )
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
-from lightning_optkit.optim.modifiers import AcceptsStepModifiers
+from lightning_optkit.optim.modifiers import accepts_step_modifiers
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
 
@@ -158,7 +158,7 @@ class NonFiniteGuard(Callback):
         raw = getattr(optimizer, "optimizer", optimizer)
         scaler = active_scaler(trainer)
         synced = False
-        if isinstance(raw, AcceptsStepModifiers):
+        if accepts_step_modifiers(raw):
             raw.defer_skip(skip)
         elif scaler is not None:
             mark_scaler_skip(scaler, raw, skip)

@@ -10,7 +10,8 @@ Other optimizers get the scale applied with foreach ops by the callback itself.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import functools
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -22,6 +23,17 @@ class AcceptsStepModifiers(Protocol):
     def defer_grad_scale(self, scale: torch.Tensor) -> None: ...
 
     def defer_skip(self, flag: torch.Tensor) -> None: ...
+
+
+@functools.cache
+def _class_accepts(cls: type) -> bool:
+    return all(callable(getattr(cls, name, None)) for name in ("defer_grad_scale", "defer_skip"))
+
+
+def accepts_step_modifiers(optimizer: Any) -> bool:
+    """``isinstance(optimizer, AcceptsStepModifiers)``, decided once per class (runtime protocol checks cost
+    microseconds each, and the callbacks ask on every optimizer step)."""
+    return _class_accepts(type(optimizer))
 
 
 class StepModifiers:

@@ -1,0 +1,57 @@
+"""RestoreLoaderPosition: make a stateful train loader resume mid-epoch at the batch it had reached.
+
+Lightning 2.6.6 saves the ``state_dict()`` of train loaders that implement ``state_dict`` /
+``load_state_dict`` (e.g. torchdata's ``StatefulDataLoader``) and loads it on resume, but only if the
+train dataloader is set up *after* the checkpoint is restored. When ``configure_optimizers`` reads
+``trainer.estimated_stepping_batches`` (every kit schedule does, to resolve ``"10%"`` or ``"2ep"``; so
+does the usual ``OneCycleLR`` recipe) the loader is set up, and its first batch prefetched, before the
+restore, and the saved position is silently dropped (Lightning issue #20550): the resumed epoch starts
+again from its first batch. This callback loads the saved position when training starts and restarts
+the loader's iterator, as the fix proposed upstream (Lightning PR #21765) does inside the fit loop.
+
+A plain ``DataLoader`` has no position to restore: Lightning replays its epoch from the start on a
+mid-epoch resume whatever this callback does (resuming at an epoch boundary is exact with any
+deterministic sampler, as samplers are re-seeded per epoch through ``set_epoch``).
+"""
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["RestoreLoaderPosition"]
+
+
+def _load_pending_loader_states(trainer: pl.Trainer) -> bool:
+    """Load the checkpoint's loader states that Lightning left pending, and restart the data fetcher.
+
+    Lightning has no public API for either step; the private fit-loop attributes used here are the
+    ones its own ``setup_data`` uses (``_combined_loader_states_to_load``, ``_load_combined_loader_states``,
+    ``_data_fetcher``). Returns whether anything was restored.
+    """
+    fit_loop = trainer.fit_loop
+    if not getattr(fit_loop, "_combined_loader_states_to_load", None) or fit_loop._data_fetcher is None:
+        return False
+    fit_loop._load_combined_loader_states()
+    iter(fit_loop._data_fetcher)  # a new iterator (and prefetched batch) from the restored position
+    return True
+
+
+class RestoreLoaderPosition(Callback):
+    """Resume stateful train loaders at their saved batch (works around Lightning issue #20550).
+
+    Add it to the Trainer's callbacks when the train loader implements ``state_dict`` /
+    ``load_state_dict``; it does nothing on a fresh fit, or when Lightning already restored the loader.
+    ``restored`` tells whether the last fit restored a position.
+    """
+
+    def __init__(self) -> None:
+        self.restored = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the saved loader position, if Lightning left it pending, before the first batch."""
+        self.restored = _load_pending_loader_states(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save: the loader's position is saved by Lightning itself."""
+        return {}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
+
+from lightning_optkit.errors import SpecError
 
 BACKEND_ENV = "LIGHTNING_OPTKIT_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -35,8 +38,6 @@ def interpreter_enabled() -> bool:
 
 def check_backend(backend: str, field: str = "backend") -> str:
     """Validate a ``backend=`` argument; return it lower-cased."""
-    from lightning_optkit.errors import SpecError
-
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
         raise SpecError(field, backend, f"use one of {', '.join(repr(b) for b in BACKENDS)}",
                         problem="is not a kernel backend")
@@ -66,18 +67,21 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-def select_backend(backend: str, device: torch.device, dtype: torch.dtype, contiguous: bool = True) -> str:
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype,
+                   contiguous: Callable[[], bool] | bool = True) -> str:
     """Resolve ``backend`` for one (device, dtype) group of tensors to ``"triton"`` or ``"torch"``.
 
     ``"triton"`` is used when asked for (or by ``auto`` on CUDA) and the group suits the kernels
     (fp32/bf16/fp16, contiguous, a device Triton runs on); otherwise torch's kernels run.
+    ``contiguous`` may be a callable, evaluated only when Triton is a candidate.
     """
     wanted = requested_backend(backend)
-    if wanted == "torch":
+    if wanted == "torch" or (wanted == "auto" and device.type != "cuda"):
         return "torch"
-    suitable = dtype in TRITON_DTYPES and contiguous and triton_importable()
+    suitable = dtype in TRITON_DTYPES and triton_importable()
+    suitable = suitable and (contiguous() if callable(contiguous) else contiguous)
     if wanted == "auto":
-        return "triton" if suitable and device.type == "cuda" else "torch"
+        return "triton" if suitable else "torch"
     if not triton_runs_on(device):
         raise ValueError(
             f"backend 'triton' cannot run on {device.type} tensors: use CUDA tensors, set TRITON_INTERPRET=1 to "

@@ -2,7 +2,9 @@
 
 Every step takes ``grad_scale`` (a 0-d tensor multiplying every gradient, e.g. a clip coefficient) and
 ``skip`` (a 0-d tensor, true/nonzero means leave every tensor and counter untouched) as device tensors,
-so nothing here syncs with the host. ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"``; see
+so nothing here syncs with the host. On the torch backend a ``grad_scale`` is also written back into
+the fp32 gradients (torch's fused kernels do that, as ``clip_grad_norm_`` would); the Triton kernels
+leave gradients as they are. ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"``; see
 :mod:`lightning_optkit.kernels.dispatch`.
 """
 
@@ -37,20 +39,22 @@ def _check_lengths(lists: Lists, names: Sequence[str]) -> None:
             raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}; pass one per parameter")
 
 
-def _contiguous(lists: Lists, idx: list[int]) -> bool:
-    return all(tensors[i].is_contiguous() for tensors in lists for i in idx)
+def _all_contiguous(lists: Lists) -> bool:
+    return all(t.is_contiguous() for tensors in lists for t in tensors)
 
 
 def _run(
     lists: Lists, backend: str, who: str,
-    torch_fn: Callable[..., None], triton_fn: Callable[[], Callable[..., None]], **kwargs: object,
+    torch_fn: Callable[..., None], triton_fn: Callable[[], Callable[..., None]],
+    path_log: PathLogger | None = None,
 ) -> None:
-    for (device, dtype), idx in _groups(lists).items():
-        sub = [[tensors[i] for i in idx] for tensors in lists]
-        path = select_backend(backend, device, dtype, _contiguous([s for s in sub if s], list(range(len(idx)))))
-        _log_path(device, dtype, f"{who}/{path}")
+    groups = _groups(lists)
+    for (device, dtype), idx in groups.items():
+        sub = [list(tensors) for tensors in lists] if len(groups) == 1 else [[t[i] for i in idx] for t in lists]
+        path = select_backend(backend, device, dtype, lambda sub=sub: _all_contiguous(sub))
+        (path_log or _log_path)(device, dtype, f"{who}/{path}")
         fn = triton_fn() if path == "triton" else torch_fn
-        fn(*sub, **kwargs)
+        fn(*sub)
 
 
 def adamw_step(
@@ -58,13 +62,18 @@ def adamw_step(
     exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
     *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     amsgrad: bool = False, maximize: bool = False, grad_scale: torch.Tensor | None = None,
-    skip: torch.Tensor | None = None, backend: str = "auto",
+    skip: torch.Tensor | None = None, backend: str = "auto", path_log: PathLogger | None = None,
+    sr_seed: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step (torch.optim.AdamW semantics) over all tensors, in place.
 
     ``steps`` are per-parameter 0-d float32 tensors on the parameters' device; they are advanced by one
-    unless ``skip``. Moments must be fp32 for bf16/fp16 params (param dtype otherwise).
-    ``max_exp_avg_sqs`` is used only when ``amsgrad`` (pass ``[]`` otherwise).
+    unless ``skip``. Moments may be fp32 (as FusedAdamW keeps them for bf16/fp16 params) or the param
+    dtype; the math is fp32 either way.
+    ``max_exp_avg_sqs`` is used only when ``amsgrad`` (pass ``[]`` otherwise). ``path_log`` receives
+    the path chosen per group (default: one debug line per process and path). ``sr_seed`` (a 0-d
+    integer device tensor; change it every step) writes bf16 parameters with stochastic rounding;
+    that needs the Triton path for bf16 groups (ValueError otherwise).
     """
     if not params:
         return
@@ -75,19 +84,22 @@ def adamw_step(
         names.append("max_exp_avg_sqs")
     _check_lengths(lists, names)
 
-    def call(p, g, m, v, s, vmax=(), *, path_fn):
+    def call(p, g, m, v, s, vmax=(), *, path_fn, **extra):
         path_fn(p, g, m, v, vmax, s, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, skip=skip)
+                amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, skip=skip, **extra)
 
     def torch_path(*sub):
+        if sr_seed is not None and sub[0][0].dtype == torch.bfloat16:
+            raise ValueError("stochastic rounding of bf16 params needs the Triton backend (CUDA tensors "
+                             "with triton installed); turn stochastic rounding off for this run")
         call(*sub, path_fn=torch_fused.torch_adamw)
 
     def triton_path():
         from lightning_optkit.kernels.triton.adamw import triton_adamw
 
-        return lambda *sub: call(*sub, path_fn=triton_adamw)
+        return lambda *sub: call(*sub, path_fn=triton_adamw, sr_seed=sr_seed)
 
-    _run(lists, backend, "adamw", torch_path, triton_path)
+    _run(lists, backend, "adamw", torch_path, triton_path, path_log)
 
 
 def sgd_momentum_step(
@@ -159,7 +171,7 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], backend: str = "auto") ->
     total: torch.Tensor | None = None
     for (device, dtype), idx in _groups([grads]).items():
         sub = [grads[i] for i in idx]
-        path = select_backend(backend, device, dtype, all(g.is_contiguous() for g in sub))
+        path = select_backend(backend, device, dtype, lambda sub=sub: all(g.is_contiguous() for g in sub))
         if path == "triton":
             from lightning_optkit.kernels.triton.norm import sum_of_squares
 

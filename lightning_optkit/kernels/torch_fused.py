@@ -20,12 +20,25 @@ import torch
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _fp32_working_copies(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
-    """fp32 copies of low-precision params/grads (torch's fused kernels want one dtype for all lists)."""
-    if params[0].dtype in LOW_PRECISION:
-        return [p.float() for p in params], [g.float() for g in grads], True
-    return list(params), list(grads), False
+def _working_lists(lists: Sequence[Sequence[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], bool]:
+    """The lists as torch's fused kernels want them: one dtype throughout.
+
+    When params are bf16/fp16 or a state list has another dtype than the params, every list is copied
+    to fp32 (math in fp32, like the Triton kernels); the caller writes the copies back with
+    :func:`_write_back`. Otherwise the lists are returned as they are.
+    """
+    dtype = lists[0][0].dtype
+    # Lists are homogeneous per group (grouped by param dtype; states created alike), so the first
+    # tensor of each list decides; a stray dtype makes torch's kernel raise, never compute wrongly.
+    if dtype not in LOW_PRECISION and all(tensors[0].dtype == dtype for tensors in lists if tensors):
+        return [list(tensors) for tensors in lists], False
+    return [[t.float() for t in tensors] for tensors in lists], True
+
+
+def _write_back(targets: Sequence[Sequence[torch.Tensor]], work: Sequence[Sequence[torch.Tensor]]) -> None:
+    for dst, src in zip(targets, work):
+        if dst:
+            torch._foreach_copy_(list(dst), list(src))
 
 
 def _divisor(grad_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -48,19 +61,20 @@ def torch_adamw(
 ) -> None:
     """``torch._fused_adamw_`` over one (device, dtype) group; low-precision params run in fp32 copies."""
     device = params[0].device
-    work_p, work_g, copied = _fp32_working_copies(params, grads)
+    states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
+    (work_p, work_g, work_m, work_v, work_vmax), copied = _working_lists([params, grads, *states])
     found_inf = _found_inf(skip, device)
     steps = list(steps)
     torch._foreach_add_(steps, 1)
     torch._fused_adamw_(
-        work_p, work_g, list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [], steps,
+        work_p, work_g, work_m, work_v, work_vmax, steps,
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
         maximize=maximize, grad_scale=_divisor(grad_scale, device), found_inf=found_inf,
     )
     if found_inf is not None:
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
+        torch._foreach_sub_(steps, [found_inf.reshape(())] * len(steps))
     if copied:
-        torch._foreach_copy_(list(params), work_p)
+        _write_back([params, *states], [work_p, work_m, work_v, work_vmax])
 
 
 def torch_sgd(
@@ -68,17 +82,21 @@ def torch_sgd(
     lr: float | torch.Tensor, momentum: float, weight_decay: float, nesterov: bool, maximize: bool,
     grad_scale: torch.Tensor | None, skip: torch.Tensor | None,
 ) -> None:
-    """``torch._fused_sgd_`` (dampening 0) over one group. Zero-initialised buffers equal torch's first step."""
+    """``torch._fused_sgd_`` (dampening 0) over one group.
+
+    Zero-initialised buffers give exactly torch's first step (which copies the gradient).
+    """
     device = params[0].device
-    work_p, work_g, copied = _fp32_working_copies(params, grads)
+    bufs = bufs if momentum != 0.0 else []
+    (work_p, work_g, work_b), copied = _working_lists([params, grads, bufs])
     torch._fused_sgd_(
-        work_p, work_g, list(bufs) if momentum != 0.0 else [],
+        work_p, work_g, work_b,
         weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=0.0, nesterov=nesterov,
         maximize=maximize, is_first_step=False,
         grad_scale=_divisor(grad_scale, device), found_inf=_found_inf(skip, device),
     )
     if copied:
-        torch._foreach_copy_(list(params), work_p)
+        _write_back([params, bufs], [work_p, work_b])
 
 
 def torch_lion(
@@ -108,6 +126,21 @@ def torch_lion(
 
 
 def torch_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of squared entries of ``grads`` (fp32 accumulation), as a 0-d device tensor."""
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
-    return torch.stack(norms).square().sum()
+    """Sum of squared entries of ``grads`` (fp32 accumulation at least), as a 0-d float32 device tensor.
+
+    On CPU, fp32/fp64 tensors use ``torch.dot(g, g)`` (BLAS): measured 5.2 ms for 33.8M fp32 params on
+    2 cores, against 12.4 ms for per-tensor ``vector_norm`` and 11.4 ms for ``torch._foreach_norm``.
+    Elsewhere one ``_foreach_norm`` launch covers the list. Inf/NaN entries propagate into the result.
+    """
+    grads = list(grads)
+    if grads[0].device.type != "cpu":
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch.stack(norms).square().sum()
+    parts = []
+    for g in grads:
+        if g.dtype in (torch.float32, torch.float64):
+            flat = g.reshape(-1)
+            parts.append(torch.dot(flat, flat).float())
+        else:
+            parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+    return torch.stack(parts).sum()

@@ -3,6 +3,7 @@
 from lightning_optkit.optim.adan import Adan
 from lightning_optkit.optim.base import KitOptimizer
 from lightning_optkit.optim.chained import ChainedOptimizer
+from lightning_optkit.optim.fused_adamw import FusedAdamW
 from lightning_optkit.optim.lamb import LAMB
 from lightning_optkit.optim.lion import Lion
 from lightning_optkit.optim.modifiers import AcceptsStepModifiers, StepModifiers
@@ -14,6 +15,7 @@ __all__ = [
     "AcceptsStepModifiers",
     "Adan",
     "ChainedOptimizer",
+    "FusedAdamW",
     "KitOptimizer",
     "Lion",
     "MomentumSGD",

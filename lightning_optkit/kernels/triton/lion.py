@@ -17,22 +17,35 @@ def _lion_kernel(
     state_ptrs, grad_ptrs, numels, chunk_tensor, chunk_start, n_tensors,
     lr_ptr, mult_ptr, skip_ptr, beta1, beta2, weight_decay,
     P_REF, S_REF,
-    HAS_MULT: tl.constexpr, HAS_SKIP: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MULT: tl.constexpr, HAS_SKIP: tl.constexpr, BF16_PARAMS: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
     n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
     if HAS_SKIP:
-        mask = mask & (tl.load(skip_ptr) == 0.0)
+        n = tl.where(tl.load(skip_ptr) == 0.0, n, 0)  # skipped: every element masked off
     p_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
     m_ptr = tl.load(state_ptrs + n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
     g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ALIGNED:  # host-checked 16-byte alignment: lets the compiler vectorise (see adamw.py)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    full = start + BLOCK <= n
+
+    if full:
+        p = tl.load(p_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        m = tl.load(m_ptr + offs).to(tl.float32)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_MULT:
         g = g * tl.load(mult_ptr)
     if MAXIMIZE:
@@ -42,8 +55,19 @@ def _lion_kernel(
     direction = tl.where(mix > 0.0, 1.0, tl.where(mix < 0.0, -1.0, 0.0))
     p = p * (1.0 - lr * weight_decay) - lr * direction
     m = beta2 * m + (1.0 - beta2) * g
-    tl.store(p_ptr + offs, p.to(P_REF.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty), mask=mask)
+    if BF16_PARAMS:
+        # Round to nearest even by integer arithmetic (see adamw.py).
+        bits = p.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        p_out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        p_out = p.to(P_REF.dtype.element_ty)
+    if full:
+        tl.store(p_ptr + offs, p_out)
+        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty))
+    else:
+        tl.store(p_ptr + offs, p_out, mask=mask)
+        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty), mask=mask)
 
 
 def triton_lion(
@@ -56,12 +80,13 @@ def triton_lion(
     lr_t = device_scalar(lr, device)
     mult, has_mult = optional_scalar(grad_scale, device, lr_t)
     skip_t, has_skip = optional_scalar(skip, device, lr_t)
-    state_ptrs = pointer_table([params, exp_avgs], device)
-    grad_ptrs = pointer_table([grads], device)
+    state_ptrs, states_aligned = pointer_table([params, exp_avgs], device)
+    grad_ptrs, grads_aligned = pointer_table([grads], device)
     chunks = chunk_table([p.numel() for p in params], device)
     _lion_kernel.for_device(device)[(chunks.n_chunks,)](
         state_ptrs, grad_ptrs, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.n_tensors,
         lr_t, mult, skip_t, beta1, beta2, weight_decay,
         params[0], exp_avgs[0],
-        HAS_MULT=has_mult, HAS_SKIP=has_skip, MAXIMIZE=maximize, BLOCK=chunks.block, num_warps=NUM_WARPS,
+        HAS_MULT=has_mult, HAS_SKIP=has_skip, BF16_PARAMS=params[0].dtype == torch.bfloat16,
+        MAXIMIZE=maximize, ALIGNED=states_aligned and grads_aligned, BLOCK=chunks.block, num_warps=NUM_WARPS,
     )

@@ -84,12 +84,14 @@ def chunk_table(numels: Sequence[int], device: torch.device, block: int = DEFAUL
     return table  # type: ignore[return-value]
 
 
-def pointer_table(lists: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """An int64 ``[len(lists), n]`` table of ``data_ptr()`` values (row ``r`` for ``lists[r]``), cached."""
+def pointer_table(lists: Sequence[Sequence[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """An int64 ``[len(lists), n]`` table of ``data_ptr()`` values (row ``r`` for ``lists[r]``), cached,
+    and whether every pointer is 16-byte aligned (then the kernels may use vectorised accesses)."""
     ptrs = [t.data_ptr() for tensors in lists for t in tensors]
     key = (str(device), len(lists), *ptrs)
-    table = _POINTERS.get(key)
-    if table is None:
+    entry = _POINTERS.get(key)
+    if entry is None:
         table = _to_device(ptrs, torch.int64, device).view(len(lists), -1)
-        _POINTERS.put(key, table)
-    return table  # type: ignore[return-value]
+        entry = (table, all(ptr % 16 == 0 for ptr in ptrs))
+        _POINTERS.put(key, entry)
+    return entry  # type: ignore[return-value]

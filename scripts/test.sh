@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh dev,triton
-.venv/bin/ruff check lightning_optkit tests examples benchmarks
+.venv/bin/ruff check .
 export WANDB_MODE=offline WANDB_SILENT=true
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

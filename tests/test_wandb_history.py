@@ -75,7 +75,8 @@ def test_corrupt_chunk_fails_the_checksum(offline_run, tmp_path_factory):
 def test_unfinished_file_waits_then_raises_or_reads_what_is_there(offline_run, tmp_path_factory):
     save_dir, rows, _ = offline_run
     data = next(find_run_dir(save_dir).glob("*.wandb")).read_bytes()
-    cut = data.find(b"big") - 20  # inside the first record carrying "big" (the summary before row 4)
+    cut = data.find(b"after_big") - 20  # inside row 4, the record that spans several blocks
+    assert cut > 7, "the run file does not hold row 4"
     partial = tmp_path_factory.mktemp("partial") / "run-x.wandb"
     partial.write_bytes(data[:cut])
     with pytest.raises(WandbFileError, match="no exit record after 0.2 s"):

@@ -52,3 +52,7 @@ def run(config: dict) -> None:
 if __name__ == "__main__":
     for cfg in json.loads(sys.argv[1]):
         run(cfg)
+    # Lightning leaves the process group alive after fit; tear it down before the interpreter exits, or
+    # gloo's threads can abort the process at exit ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

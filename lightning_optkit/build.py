@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,43 +10,62 @@ from torch import nn
 
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import OptimizerPlan, plan
+from lightning_optkit.registry import optimizer_keywords
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, spec_from_data
 
 
 def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
     spec = op.spec
-    kwargs = dict(spec.optimizer_kwargs)
-    kwargs["lr"] = spec.lr
-    if spec.weight_decay or "weight_decay" in _accepted(spec):
+    has_decay = "weight_decay" in optimizer_keywords(spec.optimizer_cls)
+    kwargs = {**spec.optimizer_kwargs, "lr": spec.lr}
+    if has_decay:
         kwargs["weight_decay"] = spec.weight_decay
     groups = [g.as_dict() for g in op.groups]
-    if "weight_decay" not in _accepted(spec):
+    if not has_decay:
         for g in groups:
             g.pop("weight_decay")
     try:
-        return spec.optimizer_cls(groups, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise SpecError(op.label, kwargs, "check the optimizer's arguments", problem=f"was rejected by "
-                        f"{spec.optimizer_cls.__name__}: {err}") from err
+        optimizer = spec.optimizer_cls(groups, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise SpecError(op.label, kwargs, "check the optimizer's arguments against its documentation",
+                        problem=f"was rejected by {spec.optimizer_cls.__name__}: {err}") from err
+    optimizer.optkit_name = op.label  # the name callbacks use in logged keys
+    return optimizer
 
 
-def _accepted(spec: OptimizerSpec) -> set[str]:
-    from lightning_optkit.registry import optimizer_keywords
-
-    return set(optimizer_keywords(spec.optimizer_cls))
-
-
-def _schedule_config(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, name: str | None) -> dict | None:
+def _schedule(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, name: str | None,
+              total_steps: int | None = None) -> dict | None:
+    """Lightning's lr-scheduler config for ``schedule`` on ``optimizer`` (None without a schedule)."""
     if schedule is None:
         return None
-    return schedule.create(optimizer, trainer, name=name)
+    kwargs = {"name": name}
+    if total_steps is not None:
+        kwargs["total_steps"] = total_steps
+    try:
+        return schedule.create(optimizer, trainer, **kwargs)
+    except SpecError as err:
+        if trainer is None and "training length is unknown" in str(err):
+            raise SpecError(err.field, err.value, "call build_optimizers(module, spec, trainer=self.trainer) inside "
+                            "configure_optimizers (or use OptimizerMixin), or give durations in steps ('500steps')",
+                            problem="needs the training length, and no trainer was given") from err
+        raise
 
 
-def _with_schedule(optimizer: torch.optim.Optimizer, schedule: Any, trainer: Any, name: str | None) -> Any:
-    config = _schedule_config(schedule, optimizer, trainer, name)
-    if config is None:
-        return {"optimizer": optimizer}
-    return {"optimizer": optimizer, "lr_scheduler": config}
+def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:
+    """Steps each of several manually stepped optimizers takes in the fit.
+
+    In manual optimization ``max_steps`` counts the steps of all optimizers together, so with ``k``
+    optimizers each stepped once per batch the fit ends after ``max_steps / k`` batches. (Stepping one
+    optimizer several times per batch, as in an n-critic loop, needs durations in steps.)
+    """
+    if trainer is None or optimizers < 2 or trainer.max_steps is None or trainer.max_steps < 0:
+        return None
+    from lightning_optkit.durations import trainer_totals
+
+    total, per_epoch = trainer_totals(trainer)
+    by_steps = math.ceil(trainer.max_steps / optimizers)
+    by_epochs = per_epoch * trainer.max_epochs if per_epoch and trainer.max_epochs and trainer.max_epochs > 0 else None
+    return min(by_steps, by_epochs) if by_epochs else by_steps
 
 
 def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
@@ -62,16 +82,19 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     if isinstance(spec, ChainSpec):
         from lightning_optkit.optim.chained import ChainedOptimizer
 
-        members = [_instantiate(op) for op in the_plan.optimizers]
-        chained = ChainedOptimizer(members)
-        config = _schedule_config(spec.schedule, chained, trainer, spec.name)
-        return chained if config is None else {"optimizer": chained, "lr_scheduler": config}
-    if isinstance(spec, OptimizerSpec):
-        op = the_plan.optimizers[0]
-        optimizer = _instantiate(op)
-        config = _schedule_config(spec.schedule, optimizer, trainer, spec.name)
-        return optimizer if config is None else {"optimizer": optimizer, "lr_scheduler": config}
-    return [
-        _with_schedule(_instantiate(op), op.spec.schedule, trainer, op.spec.name)
-        for op in the_plan.optimizers
-    ]
+        optimizer: torch.optim.Optimizer = ChainedOptimizer([_instantiate(op) for op in the_plan.optimizers])
+        optimizer.optkit_name = spec.label
+        config = _schedule(spec.schedule, optimizer, trainer, spec.name)
+    elif isinstance(spec, OptimizerSpec):
+        optimizer = _instantiate(the_plan.optimizers[0])
+        config = _schedule(spec.schedule, optimizer, trainer, spec.name)
+    else:
+        total = _per_optimizer_total(trainer, len(the_plan.optimizers))
+        result = []
+        for op in the_plan.optimizers:
+            optimizer = _instantiate(op)
+            config = _schedule(op.spec.schedule, optimizer, trainer, op.spec.name, total)
+            result.append({"optimizer": optimizer} if config is None else {"optimizer": optimizer,
+                                                                         "lr_scheduler": config})
+        return result
+    return optimizer if config is None else {"optimizer": optimizer, "lr_scheduler": config}

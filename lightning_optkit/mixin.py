@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_optkit.build import build_optimizers
 from lightning_optkit.errors import SpecError
@@ -87,6 +88,8 @@ class OptimizerMixin:
         uses = any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs)
         if uses and not any(isinstance(c, ScheduleFreeMode) for c in callbacks):
             callbacks.append(ScheduleFreeMode())
+        if isinstance(spec, list) and not any(isinstance(c, ManualStepCheck) for c in callbacks):
+            callbacks.append(ManualStepCheck())
         schedules = [spec.schedule] if isinstance(spec, ChainSpec) else [s.schedule for s in specs]
         if any(isinstance(s, Schedule) for s in schedules) and not any(
                 isinstance(c, RestoreLoaderPosition) for c in callbacks):
@@ -112,12 +115,14 @@ class OptimizerMixin:
         return labels.index(optimizer)
 
     def manual_step(self, loss: torch.Tensor, optimizer: int | str | None = None) -> None:
-        """Backward, step and zero_grad one optimizer, then step its step-interval schedulers.
+        """Zero_grad, backward, step and zero_grad one optimizer, then step its step-interval schedulers.
 
         Registered callbacks (GradientClipping, NonFiniteGuard, OptimizerMonitor) run inside the step,
-        through Lightning's ``on_before_optimizer_step``. Epoch-interval schedulers step when the next
-        epoch's first ``manual_step`` for their optimizer runs (Lightning steps no schedulers in
-        manual optimization); plateau schedulers read their monitored metric then.
+        through Lightning's ``on_before_optimizer_step``. Lightning steps no schedulers in manual
+        optimization, so this does: step-interval schedulers after every ``frequency``-th step of their
+        optimizer, epoch-interval ones when the first ``manual_step`` of a new epoch runs (plateau
+        schedulers read their monitored metric then). Both counts live in the scheduler's own state,
+        so they survive a resume.
         """
         opts = self.optimizers()  # type: ignore[attr-defined]
         opts = opts if isinstance(opts, list) else [opts]
@@ -125,29 +130,26 @@ class OptimizerMixin:
         opt = opts[index]
         raw = getattr(opt, "optimizer", opt)
         trainer = self.trainer  # type: ignore[attr-defined]
-        self._optkit_step_epoch_schedulers(raw, trainer)
+        configs = [c for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is raw]
+        for config in configs:
+            if config.interval == "epoch":
+                # Owed steps: one per `frequency` finished epochs, counted on the scheduler itself.
+                owed = trainer.current_epoch // config.frequency
+                while getattr(config.scheduler, "optkit_epoch_steps", 0) < owed:
+                    config.scheduler.optkit_epoch_steps = getattr(config.scheduler, "optkit_epoch_steps", 0) + 1
+                    self._optkit_step_scheduler(config, trainer)
+        # Zero first: another optimizer's loss (a GAN's generator loss flows through the discriminator)
+        # may have left gradients on these parameters since their last step.
+        opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)  # type: ignore[attr-defined]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        counts = self.__dict__.setdefault("_optkit_step_counts", {})
-        counts[id(raw)] = counts.get(id(raw), 0) + 1
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is raw and config.interval == "step" \
-                    and counts[id(raw)] % config.frequency == 0:
-                self._optkit_step_scheduler(config, trainer)
-
-    def _optkit_step_epoch_schedulers(self, raw: Any, trainer: Any) -> None:
-        seen = self.__dict__.setdefault("_optkit_epoch_seen", {})
-        epoch = trainer.current_epoch
-        last = seen.setdefault(id(raw), epoch)
-        if epoch == last:
-            return
-        seen[id(raw)] = epoch
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is raw and config.interval == "epoch":
-                for finished in range(last + 1, epoch + 1):
-                    if finished % config.frequency == 0:
-                        self._optkit_step_scheduler(config, trainer)
+        for config in configs:
+            if config.interval == "step":
+                # Kept on the scheduler: torch schedulers save every attribute in their state_dict.
+                config.scheduler.optkit_step_calls = getattr(config.scheduler, "optkit_step_calls", 0) + 1
+                if config.scheduler.optkit_step_calls % config.frequency == 0:
+                    self._optkit_step_scheduler(config, trainer)
 
     def _optkit_step_scheduler(self, config: Any, trainer: Any) -> None:
         watched = self.__dict__.get("_optkit_monitors", {}).get(id(config.scheduler))
@@ -179,3 +181,35 @@ def _take_plateau_monitors(configs: list[dict]) -> dict[int, tuple[str, bool]]:
         if isinstance(config["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
             watched[id(config["scheduler"])] = (monitor, strict)
     return watched
+
+
+class ManualStepCheck(Callback):
+    """Fail on the first batch when a module with several optimizers stepped none of them.
+
+    A list spec switches the module to manual optimization; a ``training_step`` that still returns its
+    loss (instead of calling ``self.manual_step``) would otherwise train nothing, silently.
+    """
+
+    def __init__(self) -> None:
+        self._start_step: int | None = None
+        self._checked = False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Remember the optimizer-step count before the first batch of this fit."""
+        if self._start_step is None:
+            self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Raise if the first batch ran no optimizer step."""
+        if self._checked:
+            return
+        self._checked = True
+        if trainer.global_step == self._start_step:
+            raise SpecError("training_step", type(pl_module).__name__,
+                            "call self.manual_step(loss, optimizer=<index or name>) for each optimizer in "
+                            "training_step (several optimizers run in manual optimization)",
+                            problem="stepped no optimizer in its first batch")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save: the check runs on the first batch of every fit."""
+        return {}

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_optkit.errors import SpecError
@@ -131,15 +130,24 @@ def _names(items: Iterable[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
+def listed_no_weight_decay(module: nn.Module) -> set[str]:
+    """Names (or globs) returned by ``no_weight_decay()`` of the module and of every submodule, as qualified
+    names: a LightningModule wrapping a timm model sees ``model.pos_embed``, not ``pos_embed``."""
+    listed: set[str] = set()
+    for prefix, sub in module.named_modules():
+        method = getattr(sub, "no_weight_decay", None)
+        if callable(method):
+            listed |= {f"{prefix}.{name}" if prefix else name for name in method()}
+    return listed
+
+
 def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[tuple[str, nn.Parameter]],
                    owner_of: dict[str, nn.Module]) -> set[str]:
     """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay``."""
     if spec.no_decay is None:
         return set()
     if spec.no_decay == "auto":
-        listed: set[str] = set()
-        if callable(getattr(module, "no_weight_decay", None)):
-            listed = set(module.no_weight_decay())
+        listed = listed_no_weight_decay(module)
         out = set()
         for name, param in candidates:
             if (param.ndim <= 1 or name.endswith(".bias") or name == "bias"
@@ -157,8 +165,13 @@ def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[
     return out
 
 
-def layer_depths(names: Sequence[str], rule: dict[str, Any]) -> dict[str, int]:
-    """Depth of every parameter: block index + 1 inside blocks, 0 before the first, max after the last."""
+def layer_depths(names: Sequence[str], rule: dict[str, Any]) -> tuple[dict[str, int], int]:
+    """Depth of every parameter and the maximum depth (number of blocks + 1).
+
+    Block index + 1 inside blocks, 0 before the first block, the maximum after the last. The maximum
+    does not depend on whether anything follows the last block (a frozen head keeps the last block at
+    ``rate ** 1``).
+    """
     regex = re.compile(rule["depth"][3:])
     block: dict[str, int] = {}
     for name in names:
@@ -190,7 +203,7 @@ def layer_depths(names: Sequence[str], rule: dict[str, Any]) -> dict[str, int]:
     if len(set(depths.values())) < 2:
         raise SpecError("layer_decay.depth", rule["depth"], "layer decay needs at least two depths; check the "
                         "pattern", problem="finds fewer than two depths")
-    return depths
+    return depths, max_depth
 
 
 def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
@@ -207,6 +220,13 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         if not picked:
             raise SpecError(f"{field}.params", _describe(spec.params), "check it against the parameter names "
                             "(`optkit plan`)", problem="matches no trainable parameter")
+        taken_ids = {id(p) for _, p in picked}
+        rest = [n for n, p in params if id(p) not in taken_ids]
+        if rest:
+            raise SpecError("params", _names(rest), "drop params= to optimize every trainable parameter, add them "
+                            "to the pattern, or freeze them (requires_grad=False)",
+                            problem=f"are trainable but outside params={_describe(spec.params)!r}, so no optimizer "
+                            "would update them")
         return [picked]
     catch_all = [i for i, s in enumerate(specs) if s.params is None]
     if len(catch_all) > 1:
@@ -238,7 +258,7 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
     if catch_all:
         picked_by[catch_all[0]] = rest
     elif rest:
-        raise SpecError(f"{field}[].params", _names(n for n, _ in rest), "add them to an optimizer's params, leave "
+        raise SpecError("params", _names(n for n, _ in rest), "add them to an optimizer's params, leave "
                         "one optimizer's params unset to take the rest, or freeze them (requires_grad=False)",
                         problem="are trainable parameters that no optimizer takes")
     return picked_by
@@ -269,8 +289,7 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
         by_group[DEFAULT_GROUP] = list(remaining.items())
         group_of[DEFAULT_GROUP] = None
     decay_off = no_decay_names(module, spec, params, owner_of)
-    depths = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else {}
-    max_depth = max(depths.values()) if depths else 0
+    depths, max_depth = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else ({}, 0)
     groups: dict[tuple[str, bool, int], TorchGroup] = {}
     for gname, members in by_group.items():
         cfg = group_of[gname]
@@ -359,8 +378,3 @@ def format_table(rows: Sequence[PlanRow]) -> str:
     groups = len({(r.optimizer, r.group) for r in rows})
     out.append(f"{len(rows)} parameters ({total:,} values) in {groups} groups")
     return "\n".join(out)
-
-
-def param_count(params: Iterable[torch.Tensor]) -> int:
-    """Number of values in ``params``."""
-    return sum(p.numel() for p in params)

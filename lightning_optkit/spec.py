@@ -278,8 +278,12 @@ class TorchScheduleSpec:
             out["name"] = self.name
         return out
 
-    def create(self, optimizer: torch.optim.Optimizer, trainer: Any = None, *, name: str | None = None) -> dict:
-        """Instantiate the scheduler on ``optimizer`` and return Lightning's lr-scheduler config dict."""
+    def create(self, optimizer: torch.optim.Optimizer, trainer: Any = None, *, name: str | None = None,
+               total_steps: int | None = None) -> dict:
+        """Instantiate the scheduler on ``optimizer`` and return Lightning's lr-scheduler config dict.
+
+        ``trainer`` and ``total_steps`` are unused: a torch scheduler takes its lengths as arguments.
+        """
         scheduler = self.cls(optimizer, **self.kwargs)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency}
         if self.name or name:
@@ -400,6 +404,18 @@ class OptimizerSpec:
                 group.options[key] = _coerce_kwarg(key, value, valid[key].default)
         for key, value in list(kwargs.items()):
             kwargs[key] = _coerce_kwarg(key, value, valid[key].default if key in valid else None)
+        base = {"lr": self.lr, **({"weight_decay": self.weight_decay} if "weight_decay" in valid else {}), **kwargs}
+        defaults = _dry_run(cls, base, "")
+        for group in self.groups:
+            label = f"groups[{group.name}]" if group.name else "groups[]"
+            if defaults is not None:
+                for key in group.options:
+                    if key not in defaults:
+                        raise SpecError(f"{label}.{key}", group.options[key], f"set it on the OptimizerSpec: "
+                                        f"{cls.__name__} reads it only when constructed, not per group",
+                                        problem="would be ignored per group")
+            if group.options:
+                _dry_run(cls, {**base, **group.options}, label)
         return kwargs
 
     @property
@@ -482,6 +498,26 @@ class ChainSpec:
         if self.name:
             out["name"] = self.name
         return out
+
+
+def _dry_run(cls: type, kwargs: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """Construct ``cls`` on a tiny parameter so its own argument checks run now, before training.
+
+    Returns the optimizer's ``defaults`` (the keys it honours per group), or None when the check is
+    inconclusive here (an error about devices: the real parameters may live elsewhere).
+    """
+    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        return dict(cls([probe], **kwargs).defaults)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+        message = str(err)
+        if any(word in message.lower() for word in ("cuda", "cpu", "device")):
+            return None
+        named = sorted((k for k in kwargs if k in message or k.rstrip("s") in message), key=len, reverse=True)
+        field_name = (f"{where}.{named[0]}" if where else named[0]) if named else (where or "optimizer arguments")
+        value = kwargs[named[0]] if named else kwargs
+        raise SpecError(field_name, value, f"give a value {cls.__name__} accepts",
+                        problem=f"is rejected by {cls.__name__} ({message})") from None
 
 
 def _check_layer_decay(layer_decay: Mapping[str, Any] | None) -> dict[str, Any] | None:

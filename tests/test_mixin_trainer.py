@@ -169,3 +169,70 @@ def test_plateau_scheduler_in_manual_optimization_reads_its_metric(quiet_trainer
     trainer.fit(model, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8))
     # stepped at the start of epochs 1 (score 0: best so far) and 2 (score 1: worse -> halve)
     assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.5e-2)
+
+
+class DeterministicGAN(OptimizerMixin, L.LightningModule):
+    """Latents come with the batch, so a resumed fit sees exactly the data of an uninterrupted one."""
+
+    def __init__(self, schedule: dict, max_lr_steps: bool = False) -> None:
+        super().__init__()
+        self.generator = nn.Linear(2, 4)
+        self.discriminator = nn.Linear(4, 1)
+        self.optim_spec = [
+            OptimizerSpec("sgd", lr=0.1, params="generator.*", name="gen", schedule=schedule),
+            OptimizerSpec("sgd", lr=0.1, params="discriminator.*", name="disc", schedule=schedule),
+        ]
+
+    def training_step(self, batch, batch_idx):
+        real, z = batch
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        d_loss = bce(self.discriminator(real), ones) + bce(self.discriminator(self.generator(z).detach()), zeros)
+        self.manual_step(d_loss, optimizer="disc")
+        self.manual_step(bce(self.discriminator(self.generator(z)), ones), optimizer="gen")
+
+
+def gan_data() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(32, 4) + 1.0, torch.randn(32, 2)), batch_size=8)  # 4 batches
+
+
+def test_max_steps_counts_both_optimizers_and_schedules_span_the_fit(quiet_trainer_kwargs) -> None:
+    model = DeterministicGAN({"name": "linear", "min_lr_ratio": 0.1})
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=12, max_epochs=100)
+    trainer.fit(model, gan_data())
+    # 12 optimizer steps in all = 6 batches; each optimizer's linear schedule spans its own 6 steps
+    assert trainer.global_step == 12
+    for opt in trainer.optimizers:
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)
+
+
+def test_manual_epoch_schedulers_resume_exactly(tmp_path, quiet_trainer_kwargs) -> None:
+    step_lr = {"class": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5, "interval": "epoch"}
+    torch.manual_seed(1)
+    straight = DeterministicGAN(step_lr)
+    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    data = gan_data()
+    L.Trainer(**quiet_trainer_kwargs, max_epochs=4).fit(straight, data)
+
+    first = DeterministicGAN(step_lr)
+    first.load_state_dict(start)
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_epochs=2)
+    trainer.fit(first, data)
+    trainer.save_checkpoint(tmp_path / "epoch2.ckpt")
+    resumed = DeterministicGAN(step_lr)
+    resumed_trainer = L.Trainer(**quiet_trainer_kwargs, max_epochs=4)
+    resumed_trainer.fit(resumed, data, ckpt_path=tmp_path / "epoch2.ckpt")
+    assert [o.param_groups[0]["lr"] for o in resumed_trainer.optimizers] == pytest.approx([0.1 * 0.5 ** 3] * 2)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_list_spec_with_a_training_step_that_returns_the_loss_fails_on_the_first_batch(quiet_trainer_kwargs):
+    class ReturnsLoss(DeterministicGAN):
+        def training_step(self, batch, batch_idx):
+            real, z = batch
+            return self.discriminator(self.generator(z)).mean()
+
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=4)
+    with pytest.raises(SpecError, match="manual_step"):
+        trainer.fit(ReturnsLoss({"name": "constant"}), gan_data())

@@ -152,3 +152,20 @@ def test_chain_spec_partitions_like_a_list() -> None:
     rows = plan(model, chain)
     assert {r.optimizer for r in rows if r.param.startswith("head.")} == {"SGD"}
     assert {r.optimizer for r in rows if not r.param.startswith("head.")} == {"AdamW"}
+
+
+def test_no_weight_decay_of_a_wrapped_submodule_is_honoured() -> None:
+    wrapper = nn.Module()
+    wrapper.model = Toy()  # e.g. a LightningModule holding a timm model as self.model
+    rows = {r.param: r for r in plan(wrapper, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.05))}
+    assert rows["model.pos_embed"].weight_decay == 0.0
+    assert rows["model.embed.weight"].weight_decay == 0.05
+
+
+def test_layer_decay_top_depth_does_not_depend_on_what_follows_the_last_block() -> None:
+    model = Toy(depth=3)
+    model.head.requires_grad_(False)  # nothing trainable after the last block
+    spec = OptimizerSpec("adamw", lr=1.0, layer_decay={"rate": 0.5, "depth": "re:blocks\\.(\\d+)\\."})
+    rows = {r.param: r for r in plan(model, spec)}
+    assert rows["blocks.2.fc.weight"].lr == pytest.approx(0.5)  # depth 3 of max 4, as with a head
+    assert rows["embed.weight"].lr == pytest.approx(0.5 ** 4)

@@ -71,6 +71,17 @@ SPEC_ONLY = [
     ("OneCycleLR per epoch", lambda: OptimizerSpec(
         "sgd", lr=0.1, schedule={"class": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.1, "total_steps": 10}),
      ["interval='epoch'", "step"]),
+    ("betas rejected by the optimizer itself", lambda: OptimizerSpec("adamw", lr=1e-3, betas=(0.9, 1.5)),
+     ["betas=(0.9, 1.5)", "rejected by AdamW", "Invalid beta"]),
+    ("Adagrad's own lr_decay check", lambda: OptimizerSpec("adagrad", lr=1e-3, lr_decay=-1),
+     ["lr_decay=-1", "Adagrad"]),
+    ("fused together with foreach", lambda: OptimizerSpec("adamw", lr=1e-3, fused=True, foreach=True),
+     ["foreach=True", "`fused` and `foreach` cannot"]),
+    ("bad per-group option value", lambda: OptimizerSpec(
+        "adamw", lr=1e-3, groups=[ParamGroup("fc1.*", name="g", betas=(0.9, 2.0))]), ["groups[g].betas"]),
+    ("constructor-only option given per group", lambda: OptimizerSpec(
+        "fused_adamw", lr=1e-3, groups=[ParamGroup("fc1.*", name="g", max_grad_norm=1.0)]),
+     ["groups[g].max_grad_norm=1.0", "ignored per group", "OptimizerSpec"]),
     ("dict without optimizer", lambda: OptimizerSpec.from_dict({"lr": 0.1}), ["optimizer", "missing"]),
     ("YAML string that is no number", lambda: OptimizerSpec.from_yaml("optimizer: adam\nlr: 1e-3x\n"), ["1e-3x"]),
     ("chain of one", lambda: ChainSpec([{"optimizer": "sgd", "lr": 0.1}]), ["chain", ">= 2"]),
@@ -100,6 +111,8 @@ NEEDS_MODEL = [
      ["fc2.weight", "fc2.bias", "overlaps", "twice"]),
     ("leftovers", [OptimizerSpec("sgd", lr=0.1, params="fc1.*"), OptimizerSpec("adam", lr=1e-3, params="fc2.*")],
      ["backbone.0.weight", "no optimizer takes"]),
+    ("one optimizer whose params leave others out", OptimizerSpec("sgd", lr=0.1, params="fc*"),
+     ["backbone.0.weight", "outside params='fc*'", "drop params="]),
     ("two catch-all optimizers", [OptimizerSpec("sgd", lr=0.1), OptimizerSpec("adam", lr=1e-3)],
      ["params", "the rest"]),
     ("weight decay on a group that no_decay exempts entirely", OptimizerSpec(

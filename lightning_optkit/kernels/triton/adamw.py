@@ -14,6 +14,16 @@ import torch
 import triton.language as tl
 
 from lightning_optkit.kernels.triton.build import device_kernel
+from lightning_optkit.kernels.triton.chunks import (
+    bf16_nearest,
+    bf16_stochastic,
+    chunk_offsets,
+    load_f32,
+    program_chunk,
+    scaled_grad,
+    store,
+    tensor_pointer,
+)
 from lightning_optkit.kernels.triton.common import NUM_WARPS, device_scalar, optional_scalar
 from lightning_optkit.kernels.triton.tables import chunk_table, pointer_table
 
@@ -28,46 +38,20 @@ def _adamw_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + t)
-    if HAS_SKIP:
-        n = tl.where(tl.load(skip_ptr) == 0.0, n, 0)  # skipped: every element masked off
-    p_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    m_ptr = tl.load(state_ptrs + n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
-    v_ptr = tl.load(state_ptrs + 2 * n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
-    vmax_ptr = m_ptr
+    t, start, n = program_chunk(chunk_tensor, chunk_start, numels, skip_ptr, HAS_SKIP, ALIGNED, BLOCK)
+    p_ptr = tensor_pointer(state_ptrs, t, P_REF, ALIGNED)
+    m_ptr = tensor_pointer(state_ptrs + n_tensors, t, S_REF, ALIGNED)
+    v_ptr = tensor_pointer(state_ptrs + 2 * n_tensors, t, S_REF, ALIGNED)
     if AMSGRAD:
-        vmax_ptr = tl.load(state_ptrs + 3 * n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
-    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    if ALIGNED:
-        # Pointers loaded from a table carry no alignment facts; these (checked on the host) let the
-        # compiler emit 16-byte vector accesses.
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        start = tl.multiple_of(start, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    full = start + BLOCK <= n  # interior chunk: unmasked (vectorisable) accesses
+        vmax_ptr = tensor_pointer(state_ptrs + 3 * n_tensors, t, S_REF, ALIGNED)
+    g_ptr = tensor_pointer(grad_ptrs, t, P_REF, ALIGNED)
+    offs, mask, full = chunk_offsets(start, n, BLOCK)
 
-    if full:
-        p = tl.load(p_ptr + offs).to(tl.float32)
-        g = tl.load(g_ptr + offs).to(tl.float32)
-        m = tl.load(m_ptr + offs).to(tl.float32)
-        v = tl.load(v_ptr + offs).to(tl.float32)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_MULT:
-        g = g * tl.load(mult_ptr)
-    if MAXIMIZE:
-        g = -g
+    p = load_f32(p_ptr, offs, mask, full)
+    g = load_f32(g_ptr, offs, mask, full)
+    m = load_f32(m_ptr, offs, mask, full)
+    v = load_f32(v_ptr, offs, mask, full)
+    g = scaled_grad(g, mult_ptr, HAS_MULT, MAXIMIZE)
     lr = tl.load(lr_ptr)
     step_size = tl.load(step_size_ptr + t)
     bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
@@ -76,48 +60,22 @@ def _adamw_kernel(
     m = m + (1.0 - beta1) * (g - m)
     v = v * beta2 + (1.0 - beta2) * g * g
     if AMSGRAD:
-        if full:
-            vmax = tl.load(vmax_ptr + offs).to(tl.float32)
-        else:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vmax = tl.maximum(vmax, v)
+        vmax = tl.maximum(load_f32(vmax_ptr, offs, mask, full), v)
         denom = tl.sqrt(vmax) / bc2_sqrt + eps
     else:
-        vmax = v
         denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p - step_size * (m / denom)
 
     if BF16_PARAMS:
-        # Round to nearest even by integer arithmetic: exact on GPU and in the interpreter (whose
-        # fp32 -> bf16 cast truncates).
-        bits = p.to(tl.uint32, bitcast=True)
-        nearest = bits + 0x7FFF + ((bits >> 16) & 1)
         if STOCHASTIC:
-            # Stochastic rounding: add uniform 16-bit noise below the kept bits, then truncate, so
-            # E[bf16(p)] = p. Noise is a lowbias32 hash of (element, step seed): plain integer ops,
-            # since tl.randint cannot run in an interpreted kernel built after triton's import.
-            x = (c * BLOCK + tl.arange(0, BLOCK)).to(tl.uint32) + tl.load(seed_ptr).to(tl.uint32) * 0x9E3779B9
-            x = (x ^ (x >> 16)) * 0x7FEB352D
-            x = (x ^ (x >> 15)) * 0x846CA68B
-            x = x ^ (x >> 16)
-            finite = (bits & 0x7F800000) != 0x7F800000
-            nearest = tl.where(finite, bits + (x & 0xFFFF), nearest)
-        bits = nearest >> 16
-        p_out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        p_out = p.to(P_REF.dtype.element_ty)
-    if full:
-        tl.store(p_ptr + offs, p_out)
-        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty))
-        tl.store(v_ptr + offs, v.to(S_REF.dtype.element_ty))
-        if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax.to(S_REF.dtype.element_ty))
-    else:
-        tl.store(p_ptr + offs, p_out, mask=mask)
-        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offs, v.to(S_REF.dtype.element_ty), mask=mask)
-        if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax.to(S_REF.dtype.element_ty), mask=mask)
+            p = bf16_stochastic(p, seed_ptr, BLOCK)
+        else:
+            p = bf16_nearest(p)
+    store(p_ptr, offs, p, mask, full)
+    store(m_ptr, offs, m, mask, full)
+    store(v_ptr, offs, v, mask, full)
+    if AMSGRAD:
+        store(vmax_ptr, offs, vmax, mask, full)
 
 
 def triton_adamw(

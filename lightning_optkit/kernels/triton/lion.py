@@ -8,6 +8,15 @@ import torch
 import triton.language as tl
 
 from lightning_optkit.kernels.triton.build import device_kernel
+from lightning_optkit.kernels.triton.chunks import (
+    bf16_nearest,
+    chunk_offsets,
+    load_f32,
+    program_chunk,
+    scaled_grad,
+    store,
+    tensor_pointer,
+)
 from lightning_optkit.kernels.triton.common import NUM_WARPS, device_scalar, optional_scalar
 from lightning_optkit.kernels.triton.tables import chunk_table, pointer_table
 
@@ -20,54 +29,25 @@ def _lion_kernel(
     HAS_MULT: tl.constexpr, HAS_SKIP: tl.constexpr, BF16_PARAMS: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + t)
-    if HAS_SKIP:
-        n = tl.where(tl.load(skip_ptr) == 0.0, n, 0)  # skipped: every element masked off
-    p_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    m_ptr = tl.load(state_ptrs + n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
-    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    if ALIGNED:  # host-checked 16-byte alignment: lets the compiler vectorise (see adamw.py)
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        start = tl.multiple_of(start, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    full = start + BLOCK <= n
+    t, start, n = program_chunk(chunk_tensor, chunk_start, numels, skip_ptr, HAS_SKIP, ALIGNED, BLOCK)
+    p_ptr = tensor_pointer(state_ptrs, t, P_REF, ALIGNED)
+    m_ptr = tensor_pointer(state_ptrs + n_tensors, t, S_REF, ALIGNED)
+    g_ptr = tensor_pointer(grad_ptrs, t, P_REF, ALIGNED)
+    offs, mask, full = chunk_offsets(start, n, BLOCK)
 
-    if full:
-        p = tl.load(p_ptr + offs).to(tl.float32)
-        g = tl.load(g_ptr + offs).to(tl.float32)
-        m = tl.load(m_ptr + offs).to(tl.float32)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_MULT:
-        g = g * tl.load(mult_ptr)
-    if MAXIMIZE:
-        g = -g
+    p = load_f32(p_ptr, offs, mask, full)
+    g = load_f32(g_ptr, offs, mask, full)
+    m = load_f32(m_ptr, offs, mask, full)
+    g = scaled_grad(g, mult_ptr, HAS_MULT, MAXIMIZE)
     lr = tl.load(lr_ptr)
     mix = beta1 * m + (1.0 - beta1) * g
     direction = tl.where(mix > 0.0, 1.0, tl.where(mix < 0.0, -1.0, 0.0))
     p = p * (1.0 - lr * weight_decay) - lr * direction
     m = beta2 * m + (1.0 - beta2) * g
     if BF16_PARAMS:
-        # Round to nearest even by integer arithmetic (see adamw.py).
-        bits = p.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        p_out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        p_out = p.to(P_REF.dtype.element_ty)
-    if full:
-        tl.store(p_ptr + offs, p_out)
-        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty))
-    else:
-        tl.store(p_ptr + offs, p_out, mask=mask)
-        tl.store(m_ptr + offs, m.to(S_REF.dtype.element_ty), mask=mask)
+        p = bf16_nearest(p)
+    store(p_ptr, offs, p, mask, full)
+    store(m_ptr, offs, m, mask, full)
 
 
 def triton_lion(

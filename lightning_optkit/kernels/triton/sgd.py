@@ -8,6 +8,15 @@ import torch
 import triton.language as tl
 
 from lightning_optkit.kernels.triton.build import device_kernel
+from lightning_optkit.kernels.triton.chunks import (
+    bf16_nearest,
+    chunk_offsets,
+    load_f32,
+    program_chunk,
+    scaled_grad,
+    store,
+    tensor_pointer,
+)
 from lightning_optkit.kernels.triton.common import NUM_WARPS, device_scalar, optional_scalar
 from lightning_optkit.kernels.triton.tables import chunk_table, pointer_table
 
@@ -21,63 +30,27 @@ def _sgd_kernel(
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + t)
-    if HAS_SKIP:
-        n = tl.where(tl.load(skip_ptr) == 0.0, n, 0)  # skipped: every element masked off
-    p_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(P_REF.dtype.element_ty))
-    b_ptr = tl.load(state_ptrs + t).to(tl.pointer_type(S_REF.dtype.element_ty))
+    t, start, n = program_chunk(chunk_tensor, chunk_start, numels, skip_ptr, HAS_SKIP, ALIGNED, BLOCK)
+    p_ptr = tensor_pointer(state_ptrs, t, P_REF, ALIGNED)
+    g_ptr = tensor_pointer(grad_ptrs, t, P_REF, ALIGNED)
     if HAS_MOMENTUM:
-        b_ptr = tl.load(state_ptrs + n_tensors + t).to(tl.pointer_type(S_REF.dtype.element_ty))
-    if ALIGNED:  # host-checked 16-byte alignment: lets the compiler vectorise (see adamw.py)
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-        start = tl.multiple_of(start, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    full = start + BLOCK <= n
+        b_ptr = tensor_pointer(state_ptrs + n_tensors, t, S_REF, ALIGNED)
+    offs, mask, full = chunk_offsets(start, n, BLOCK)
 
-    if full:
-        p = tl.load(p_ptr + offs).to(tl.float32)
-        g = tl.load(g_ptr + offs).to(tl.float32)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_MULT:
-        g = g * tl.load(mult_ptr)
-    if MAXIMIZE:
-        g = -g
-    g = g + weight_decay * p
+    p = load_f32(p_ptr, offs, mask, full)
+    g = load_f32(g_ptr, offs, mask, full)
+    g = scaled_grad(g, mult_ptr, HAS_MULT, MAXIMIZE) + weight_decay * p
     if HAS_MOMENTUM:
-        if full:
-            buf = tl.load(b_ptr + offs).to(tl.float32)
-        else:
-            buf = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        buf = buf * momentum + g
-        if full:
-            tl.store(b_ptr + offs, buf.to(S_REF.dtype.element_ty))
-        else:
-            tl.store(b_ptr + offs, buf.to(S_REF.dtype.element_ty), mask=mask)
+        buf = load_f32(b_ptr, offs, mask, full) * momentum + g
+        store(b_ptr, offs, buf, mask, full)
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
     p = p - tl.load(lr_ptr) * g
     if BF16_PARAMS:
-        # Round to nearest even by integer arithmetic (see adamw.py).
-        bits = p.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        p_out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        p_out = p.to(P_REF.dtype.element_ty)
-    if full:
-        tl.store(p_ptr + offs, p_out)
-    else:
-        tl.store(p_ptr + offs, p_out, mask=mask)
+        p = bf16_nearest(p)
+    store(p_ptr, offs, p, mask, full)
 
 
 def triton_sgd(

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CLIP_EPS",
     "check_norm_type",
+    "clip_coefficient",
     "combine_norms",
     "group_by_device_dtype",
     "params_by_module_prefix",
@@ -25,6 +27,9 @@ __all__ = [
 
 
 DeviceDtype = tuple[torch.device, torch.dtype]
+
+#: Added to the norm in a clip coefficient, as ``torch.nn.utils.clip_grad_norm_`` does.
+CLIP_EPS = 1e-6
 
 
 def group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> dict[DeviceDtype, list[int]]:
@@ -90,6 +95,16 @@ def total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
     if device is None and tensors:
         device = tensors[0].device
     return combine_norms(tensor_norms(tensors, norm_type), norm_type, device)
+
+
+def clip_coefficient(limit: torch.Tensor | float, norm: torch.Tensor) -> torch.Tensor:
+    """``min(1, limit / (norm + 1e-6))`` as torch computes it, but NaN when ``norm`` is not finite.
+
+    torch gives 0 for an infinite norm, which zeroes finite entries and turns the update into
+    finite garbage; NaN keeps a broken gradient visibly broken, so a non-finite skip wins.
+    """
+    # norm - norm is 0 for a finite norm and NaN for inf/NaN: two cheap ops instead of isfinite/where
+    return torch.clamp(limit / (norm + CLIP_EPS), max=1.0) + (norm - norm)
 
 
 def params_by_module_prefix(module: nn.Module, depth: int = 1,

@@ -49,3 +49,19 @@ def test_params_by_module_prefix():
     assert params_by_module_prefix(model, only_with_grad=True) == {"head": [model.head.weight]}
     with pytest.raises(ValueError, match="depth"):
         params_by_module_prefix(model, depth=0)
+
+
+def test_clip_coefficient_matches_float64_torch_formula_and_propagates_nan():
+    from lightning_optkit.callbacks import clipping
+    from lightning_optkit.norms import clip_coefficient
+
+    assert clipping.clip_coefficient is clip_coefficient  # one implementation, the old import still works
+    norms = torch.rand(64) * 4
+    limit = 1.5
+    expected = torch.clamp(limit / (norms.double() + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    got = torch.stack([clip_coefficient(limit, n) for n in norms])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    assert (got < 1).any() and (got == 1).any()
+    for bad in (math.inf, -math.inf, math.nan):
+        assert torch.isnan(clip_coefficient(limit, torch.tensor(bad)))
+        assert torch.isnan(clip_coefficient(torch.tensor(limit), torch.tensor(bad)))

@@ -157,7 +157,59 @@ def test_consecutive_skips_raise(kind, quiet_trainer_kwargs):
     assert "found_inf" not in trainer.optimizers[0].__dict__
 
 
-def test_one_bad_batch_never_raises_even_with_limit_one(quiet_trainer_kwargs):
+@pytest.mark.parametrize("log_every", [0, 50])
+@pytest.mark.parametrize("kind", ["adamw_fused", "kit"])
+def test_consecutive_skips_raise_on_sync_free_paths_without_logging_steps(kind, log_every, quiet_trainer_kwargs):
+    # the device counter is read every max_consecutive_skips optimizer steps, whatever the logging cadence
+    model = Regressor(kind, bad_batches=(-1,))  # every batch from 1 on is NaN
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=20, log_every_n_steps=log_every,
+                         callbacks=[NonFiniteGuard(max_consecutive_skips=3)])
+    with pytest.raises(TooManySkippedSteps, match=r"skipped 5 consecutive .*max_consecutive_skips=3"):
+        trainer.fit(model, make_loader())
+    # reads after optimizer steps 3 and 6 (batches 2 and 5): the run is 2, then 5 (< 2 * 3 - 1 = the bound)
+    assert trainer.global_step == 5
+    assert "found_inf" not in trainer.optimizers[0].__dict__
+
+
+@pytest.mark.parametrize("kind", ["adamw_fused", "kit"])
+def test_run_of_skips_at_the_end_of_the_fit_raises(kind, quiet_trainer_kwargs):
+    model = Regressor(kind, bad_batches=(-1,))
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=0,
+                         callbacks=[NonFiniteGuard(max_consecutive_skips=3)])
+    # batches 1-3 skipped; the read after step 3 saw a run of 2, the one at the end of the fit sees 3
+    with pytest.raises(TooManySkippedSteps, match=r"skipped 3 consecutive"):
+        trainer.fit(model, make_loader())
+    assert trainer.global_step == 4
+
+
+class WithAuxHead(Regressor):
+    """A second head with its own loss term, which the spike at the bad batch does not reach."""
+
+    def __init__(self, optimizer: str, bad_batch: int) -> None:
+        super().__init__(optimizer, bad_batches=(bad_batch,), bad_factor=1e4)
+        self.aux = nn.Linear(8, 4)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + F.mse_loss(self.aux(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("order", ["clip_first", "guard_first"])
+@pytest.mark.parametrize("kind", ["adamw", "kit"])
+def test_spike_is_skipped_when_a_clipping_exclude_runs_first_or_second(order, kind, quiet_trainer_kwargs):
+    k = 8
+    # exclude: clipping norms a subset of the gradients and scales it in place; the guard must still
+    # judge the pre-clip norm of all gradients (the clipped ones hide the spike)
+    clip = GradientClipping(max_norm=0.05, exclude=("aux",))
+    guard = NonFiniteGuard(skip_on_spike=6.0, spike_warmup=4)
+    snaps = Snapshots([k])
+    callbacks = [clip, guard] if order == "clip_first" else [guard, clip]
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=k + 1, log_every_n_steps=1, callbacks=[*callbacks, snaps])
+    trainer.fit(WithAuxHead(kind, bad_batch=k), make_loader())
+    assert_bit_identical(snaps.before[k], snaps.after[k])
+    assert trainer.callback_metrics["guard/skipped_steps"].item() == 1
+
+
+def test_one_bad_batch_never_raises_even_with_the_smallest_limit(quiet_trainer_kwargs):
     model = Regressor("adamw", bad_batches=(2, 4))
     trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=6, log_every_n_steps=1,
                          callbacks=[NonFiniteGuard(max_consecutive_skips=2)])
@@ -221,6 +273,7 @@ def test_kit_optimizer_receives_deferred_scale(quiet_trainer_kwargs):
         (dict(skip_on_spike=-1.0), "skip_on_spike"),
         (dict(skip_on_spike=math.inf), "skip_on_spike"),
         (dict(max_consecutive_skips=0), "max_consecutive_skips"),
+        (dict(max_consecutive_skips=1), "max_consecutive_skips"),  # one bad batch must never be fatal
         (dict(max_consecutive_skips=2.5), "max_consecutive_skips"),
         (dict(skip_on_spike=3.0, spike_warmup=0), "spike_warmup"),
         (dict(skip_on_spike=3.0, spike_alpha=1.0), "spike_alpha"),

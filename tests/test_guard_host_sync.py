@@ -129,3 +129,14 @@ def test_guard_with_plain_adamw_syncs_once_per_step(monkeypatch, quiet_trainer_k
     trainer.fit(model, make_loader())
     quiet = counter.syncs_on_quiet_steps()
     assert len(quiet) >= 4 and quiet[1:] == [1] * (len(quiet) - 1)  # the documented cost: one bool per step
+
+
+def test_guard_reads_the_skip_run_once_per_max_consecutive_skips_steps(monkeypatch, quiet_trainer_kwargs):
+    # the documented amortised cost on the sync-free paths, with logging off: one read every N steps
+    guard = NonFiniteGuard(max_consecutive_skips=3)
+    counter = SyncCounter(monkeypatch)
+    counter.watch(guard, hooks=("on_before_optimizer_step",))
+    model = Regressor(lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True))
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=7, log_every_n_steps=0, callbacks=[guard])
+    trainer.fit(model, make_loader())
+    assert [n for _, n in counter.calls] == [0, 0, 1, 0, 0, 1, 0]

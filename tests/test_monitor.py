@@ -305,3 +305,125 @@ def test_no_logger_fails_at_setup(quiet_trainer_kwargs):
     trainer = Trainer(**quiet_trainer_kwargs, max_steps=1, callbacks=[OptimizerMonitor()])
     with pytest.raises(SpecError, match="nowhere to log"):
         trainer.fit(Net())
+
+
+# ---------------------------------------------------------------------------------------------- shared names
+class TwoAdams(TwoOptimizers):
+    """Two optimizers of one class, the second with a NaN gradient at batch 1."""
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        for opt, bad in ((body, False), (head, batch_idx == 1)):
+            opt.zero_grad()
+            self.manual_backward(self.loss(batch) * (math.nan if bad else 1.0))
+            opt.step()
+
+
+def test_clipping_guard_and_monitor_name_several_optimizers_alike(tmp_path, quiet_trainer_kwargs):
+    from lightning_optkit.callbacks.guard import NonFiniteGuard
+
+    logger = CSVLogger(str(tmp_path))
+    callbacks = [GradientClipping(max_norm=0.05), NonFiniteGuard(), OptimizerMonitor(norms="grad", per_layer=False)]
+    trainer = Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=6, log_every_n_steps=1,
+                      callbacks=callbacks)
+    trainer.fit(TwoAdams())
+    merged: dict[int, dict[str, float]] = {}  # Lightning's rows and the monitor's, joined by step
+    for r in read_csv_rows(logger):
+        merged.setdefault(int(r["step"]), {}).update(r)
+    rows = [merged[s] for s in sorted(merged)]
+    assert len(rows) == 3
+    keys = set().union(*rows)
+    for label in ("Adam", "Adam-1"):
+        assert {f"grad_clip/{label}/total_norm", f"grad_clip/{label}/clip_coef", f"guard/{label}/skipped_steps",
+                f"guard/{label}/consecutive_skips", f"lr/{label}/pg0", f"grad_norm/{label}/total"} <= keys
+    assert not any("_opt" in k for k in keys)
+    for row in rows:  # the same label names the same optimizer: both pre-clip norms agree
+        for label in ("Adam", "Adam-1"):
+            if math.isfinite(row[f"grad_norm/{label}/total"]):
+                assert row[f"grad_clip/{label}/total_norm"] == pytest.approx(row[f"grad_norm/{label}/total"],
+                                                                             rel=REL)
+    assert rows[-1]["guard/Adam-1/skipped_steps"] == 1 and rows[-1]["guard/Adam/skipped_steps"] == 0
+
+
+def test_optimizer_labels_prefer_the_kit_name_and_stay_unique():
+    from lightning_optkit.callbacks._step_context import optimizer_labels
+
+    params = [nn.Parameter(torch.randn(2))]
+    named = [torch.optim.SGD(params, lr=0.1) for _ in range(2)]
+    for opt in named:
+        opt.optkit_name = "gen"
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.optimizers = [*named, torch.optim.Adam(params), torch.optim.Adam(params)]
+    assert optimizer_labels(trainer) == ["gen", "gen-1", "Adam", "Adam-1"]
+
+
+# ---------------------------------------------------------------------------------------------- logging steps
+class StopsAtBatch(Net):
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.stop_at:
+            self.trainer.should_stop = True  # as EarlyStopping or Timer would
+        return self.loss(batch)
+
+
+def test_all_callbacks_log_on_the_same_steps_as_lightning(tmp_path, quiet_trainer_kwargs):
+    from lightning_optkit.callbacks.guard import NonFiniteGuard
+
+    logger = CSVLogger(str(tmp_path))
+    callbacks = [GradientClipping(max_norm=0.05), NonFiniteGuard(), OptimizerMonitor(per_layer=False)]
+    trainer = Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=20, log_every_n_steps=3,
+                      callbacks=callbacks)
+    trainer.fit(StopsAtBatch(stop_at=4))  # Lightning writes rows at steps 2 and 4 (the stop)
+    rows = read_csv_rows(logger)
+    by_key = {key: [int(r["step"]) for r in rows if key in r]
+              for key in ("grad_clip/total_norm", "guard/skipped_steps", "grad_norm/total", "lr/body")}
+    assert by_key == {key: [2, 4] for key in by_key}, by_key
+
+
+# ---------------------------------------------------------------------------------------------- n-critic
+class NCritic(Net):
+    """One optimizer stepped three times per batch, on three slices of the batch (manual optimization)."""
+
+    def __init__(self) -> None:
+        super().__init__(n=48)
+        self.automatic_optimization = False
+        self.seen: dict[int, dict] = {}
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        params = dict(self.named_parameters())
+        rec = self.seen[batch_idx] = {"before": {n: p.detach().double().clone() for n, p in params.items()},
+                                      "grads": []}
+        for i in range(3):
+            opt.zero_grad()
+            self.manual_backward(self.loss([t[i::3] for t in batch]))
+            rec["grads"].append({n: p.grad.double().clone() for n, p in params.items()})
+            opt.step()
+        rec["after"] = {n: p.detach().double().clone() for n, p in params.items()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_several_steps_per_batch_report_the_last_grad_and_the_update_over_the_batch(tmp_path,
+                                                                                   quiet_trainer_kwargs):
+    logger = CSVLogger(str(tmp_path))
+    model = NCritic()
+    trainer = Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=6,  # 3 steps per batch
+                      callbacks=[OptimizerMonitor(every_n_steps=1)])
+    trainer.fit(model)
+    rows = [r for r in read_csv_rows(logger) if "grad_norm/total" in r]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    for row in rows:
+        rec = model.seen[int(row["step"])]
+        last, first = norm(rec["grads"][-1].values()), norm(rec["grads"][0].values())
+        assert abs(last - first) > 1e-3 * last  # the test tells the first step's norm from the last's
+        assert row["grad_norm/total"] == pytest.approx(last, rel=REL)
+        assert row["param_norm/total"] == pytest.approx(norm(rec["before"].values()), rel=REL)
+        change = norm(rec["after"][n] - rec["before"][n] for n in rec["before"])
+        assert row["update_norm/total"] == pytest.approx(change, rel=REL)
+        assert row["grad_norm/layer/net.2"] == pytest.approx(
+            norm(rec["grads"][-1][n] for n in ("net.2.weight", "net.2.bias")), rel=REL)

@@ -1,14 +1,15 @@
 """Shared plumbing for callbacks acting in ``on_before_optimizer_step``.
 
-Private to :mod:`lightning_optkit.callbacks`: which step logs, which optimizer this is, the
-gradients it will use, their norms (computed once per step and shared between callbacks), and
-GradScaler unscaling for fused optimizers. The few uses of Lightning/torch internals live here.
+Private to :mod:`lightning_optkit.callbacks`: which step logs, how an optimizer is named in metric
+keys, the gradients it will use, their norms (computed once per step and shared between callbacks),
+GradScaler unscaling and the skip flags of fused optimizers. Every use of Lightning/torch internals
+by the callbacks lives in this module, each with a comment saying why there is no public route.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import lightning.pytorch as pl
 import torch
@@ -17,30 +18,49 @@ from lightning_optkit.norms import tensor_norms
 
 __all__ = [
     "active_scaler",
+    "arm_fused_skip",
+    "disarm_fused_skip",
     "ensure_unscaled",
-    "mark_scaler_skip",
     "grad_params",
-    "is_logging_step",
     "is_fused_amp_optimizer",
+    "is_logging_step",
+    "logger_step",
+    "mark_scaler_skip",
+    "metric_scope",
     "optimizer_index",
-    "step_tensor_norms",
+    "optimizer_labels",
+    "step_grad_norms",
 ]
 
 
-def is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether the current training batch writes logs (``Trainer(log_every_n_steps=...)``).
+# ------------------------------------------------------------------ logging cadence
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logging uses for the current training batch (batches that stepped).
 
-    Lightning has no public API for this; its own LearningRateMonitor and DeviceStatsMonitor read
-    ``trainer._logger_connector.should_update_logs``, so we do the same, with a public fallback.
+    Lightning's ``self.log`` rows and its LearningRateMonitor both use
+    ``fit_loop.epoch_loop._batches_that_stepped``, which counts batches that stepped (once per batch,
+    whatever the number of optimizers). There is no public equivalent: ``trainer.global_step`` counts
+    every optimizer's steps in manual optimization. This is the callbacks' only read of it.
     """
-    connector = getattr(trainer, "_logger_connector", None)
-    flag = getattr(connector, "should_update_logs", None)
-    if isinstance(flag, bool):
-        return flag
-    every = trainer.log_every_n_steps
-    return every > 0 and (trainer.global_step + 1) % every == 0
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
+def is_logging_step(trainer: pl.Trainer, every_n_steps: int | None = None) -> bool:
+    """Whether the current training batch logs, every ``every_n_steps`` batches that stepped.
+
+    ``None`` follows ``Trainer(log_every_n_steps)``. The rule is Lightning's own (its logger
+    connector's ``should_update_logs``): ``(logger_step + 1) % every == 0``, or the Trainer was told
+    to stop (so the last row before an early stop is written); never when ``every`` is 0. The one
+    decision used by GradientClipping, NonFiniteGuard and OptimizerMonitor.
+    """
+    every = trainer.log_every_n_steps if every_n_steps is None else every_n_steps
+    if every < 1:
+        return False
+    return (logger_step(trainer) + 1) % every == 0 or bool(trainer.should_stop)
+
+
+# ------------------------------------------------------------------ optimizer names
 def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
     """Position of ``optimizer`` (raw or LightningOptimizer-wrapped) in ``trainer.optimizers``."""
     raw = getattr(optimizer, "optimizer", optimizer)
@@ -50,6 +70,37 @@ def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> in
     return 0
 
 
+def optimizer_labels(trainer: pl.Trainer) -> list[str]:
+    """One label per optimizer in ``trainer.optimizers``, used in every callback's metric keys.
+
+    An optimizer built from a kit spec is labelled by the spec's name (``optimizer.optkit_name``,
+    set by :mod:`lightning_optkit.build`); any other by its class name. Repeats get ``-1``, ``-2``...
+    (``Adam``, ``Adam-1``), as Lightning's LearningRateMonitor names them.
+    """
+    labels: list[str] = []
+    used: set[str] = set()
+    for opt in trainer.optimizers:
+        raw = getattr(opt, "optimizer", opt)
+        base = getattr(raw, "optkit_name", None)
+        if not isinstance(base, str) or not base:
+            base = type(raw).__name__
+        label, n = base, 0
+        while label in used:
+            n += 1
+            label = f"{base}-{n}"
+        used.add(label)
+        labels.append(label)
+    return labels
+
+
+def metric_scope(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
+    """``""`` with one optimizer, else ``"<label>/"`` (see :func:`optimizer_labels`) for ``optimizer``."""
+    if len(trainer.optimizers) < 2:
+        return ""
+    return optimizer_labels(trainer)[optimizer_index(trainer, optimizer)] + "/"
+
+
+# ------------------------------------------------------------------ gradients and their norms
 def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = frozenset()
                 ) -> list[torch.nn.Parameter]:
     """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``."""
@@ -64,29 +115,49 @@ def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = fro
     return out
 
 
-# optimizer -> (key, norms). One entry per optimizer: the norms of its gradients at this step, so
-# GradientClipping and NonFiniteGuard on the same step pay for one foreach_norm pass, whichever runs
-# first. The key names the step and the exact gradient tensors, so a stale entry is never reused.
+# raw optimizer -> (key, {norm_type: norms of ALL its gradients}). The first callback to ask at an
+# optimizer step computes the norms of every gradient of the optimizer, for every norm type any
+# registered callback declares (``grad_norm_types``), before any callback modifies a gradient; later
+# callbacks (even after in-place clipping) take the subset they need. The key names the step and
+# the exact gradient tensors, so a stale entry is never reused.
 _NORM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def step_tensor_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
-                      params: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
-    """Per-parameter gradient norms for this optimizer step, shared between callbacks.
+def _declared_norm_types(trainer: pl.Trainer) -> Iterable[float]:
+    for cb in trainer.callbacks:
+        yield from getattr(cb, "grad_norm_types", ())
 
-    Call before modifying gradients in place: the cache holds the pre-modification norms.
+
+def step_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_type: float,
+                    skip_ids: frozenset[int] = frozenset()
+                    ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    """Parameters with a gradient (minus ``skip_ids``) and their pre-modification gradient norms.
+
+    Shared by all callbacks at one optimizer step: the first call computes the norms of all of
+    ``optimizer``'s gradients (one foreach pass per norm type declared by a callback's
+    ``grad_norm_types``); later calls, whatever their parameter subset, reuse them. A callback that
+    modifies gradients in place must call this first.
     """
-    key = (trainer.global_step, float(norm_type), tuple(id(p) for p in params),
-           tuple(id(p.grad) for p in params))
     raw = getattr(optimizer, "optimizer", optimizer)
+    params = grad_params(raw)
+    key = (trainer.global_step, tuple(id(p) for p in params), tuple(id(p.grad) for p in params))
     hit = _NORM_CACHE.get(raw)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    norms = tensor_norms([p.grad for p in params], norm_type)
-    _NORM_CACHE[raw] = (key, norms)
-    return norms
+    if hit is None or hit[0] != key:
+        types = {float(norm_type), *(float(t) for t in _declared_norm_types(trainer))}
+        grads = [p.grad for p in params]
+        hit = (key, {t: tensor_norms(grads, t) for t in sorted(types)})
+        _NORM_CACHE[raw] = hit
+    by_type = hit[1]
+    if float(norm_type) not in by_type:  # undeclared norm type: computed now, on the gradients as they are
+        by_type[float(norm_type)] = tensor_norms([p.grad for p in params], norm_type)
+    norms = by_type[float(norm_type)]
+    if not skip_ids:
+        return params, norms
+    kept = [i for i, p in enumerate(params) if id(p) not in skip_ids]
+    return [params[i] for i in kept], [norms[i] for i in kept]
 
 
+# ------------------------------------------------------------------ AMP and skip flags
 def is_fused_amp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     """A torch optimizer whose fused step reads ``found_inf`` / ``grad_scale`` attributes.
 
@@ -100,6 +171,25 @@ def is_fused_amp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
         and bool(getattr(raw, "_step_supports_amp_scaling", False))
         and all(g.get("fused") for g in raw.param_groups)
     )
+
+
+def arm_fused_skip(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> torch.Tensor:
+    """Make the next fused step of ``optimizer`` a no-op when the 0-d device ``flag`` is true.
+
+    Sets the ``found_inf`` attribute torch's fused step reads (the protocol GradScaler uses; torch has
+    no public API for it). Returns the float flag set, for :func:`disarm_fused_skip`.
+    """
+    raw = getattr(optimizer, "optimizer", optimizer)
+    found_inf = flag.float().reshape(())
+    raw.found_inf = found_inf
+    return found_inf
+
+
+def disarm_fused_skip(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Remove the flag :func:`arm_fused_skip` set, unless something replaced it since."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if raw.__dict__.get("found_inf") is found_inf:
+        del raw.found_inf
 
 
 def ensure_unscaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:

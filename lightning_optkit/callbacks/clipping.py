@@ -14,16 +14,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks._step_context import (
     ensure_unscaled,
-    grad_params,
     is_logging_step,
+    metric_scope,
     optimizer_index,
-    step_tensor_norms,
+    step_grad_norms,
 )
 from lightning_optkit.errors import SpecError, closest
-from lightning_optkit.norms import check_norm_type, combine_norms, tensor_norms
+from lightning_optkit.norms import CLIP_EPS as _EPS
+from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
 
-__all__ = ["GradientClipping", "CLIP_ALGORITHMS"]
+# clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
+__all__ = ["GradientClipping", "CLIP_ALGORITHMS", "clip_coefficient"]
 
 #: The extra keyword arguments each algorithm accepts, with their defaults.
 CLIP_ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -34,17 +36,6 @@ CLIP_ALGORITHMS: dict[str, dict[str, Any]] = {
     "quantile": {"quantile": 0.9, "history": 1000, "warmup_steps": 25},
 }
 _PER = ("global", "group", "param")
-_EPS = 1e-6  # added to the norm in the coefficient, as torch.nn.utils.clip_grad_norm_ does
-
-
-def clip_coefficient(limit: torch.Tensor | float, norm: torch.Tensor) -> torch.Tensor:
-    """``min(1, limit / (norm + 1e-6))`` as torch computes it, but NaN when ``norm`` is not finite.
-
-    torch gives 0 for an infinite norm, which zeroes finite entries and turns the update into
-    finite garbage; NaN keeps a broken gradient visibly broken, so NonFiniteGuard's skip wins.
-    """
-    # norm - norm is 0 for a finite norm and NaN for inf/NaN: two cheap ops instead of isfinite/where
-    return torch.clamp(limit / (norm + _EPS), max=1.0) + (norm - norm)
 
 
 def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) -> None:
@@ -110,11 +101,20 @@ class GradientClipping(Callback):
             ``clip_factor=0.01, eps=1e-3``; zscore ``z_thresh=2.5, alpha=0.97, warmup_steps=25``;
             quantile ``quantile=0.9, history=1000, warmup_steps=25``. Others are rejected.
 
-    Logged every logging step (``log_every_n_steps``) through ``pl_module.log``:
-    ``grad_clip/total_norm`` (pre-clip total norm), ``grad_clip/clip_coef`` (coefficient applied;
-    1.0 when not clipped; for ``value``/``agc``/per-group/per-param it is the ratio of post- to
-    pre-clip total norm) and, for zscore/quantile, ``grad_clip/threshold``. With several optimizers
-    every key gets the suffix ``_opt{i}`` (``i`` = index in ``trainer.optimizers``).
+    Logged every logging step (``log_every_n_steps``) through ``pl_module.log``. ``<o>`` is empty
+    with one optimizer and ``<label>/`` with several, where ``<label>`` is the optimizer's kit spec
+    name, else its class name (repeats: ``Adam``, ``Adam-1``), the same label OptimizerMonitor and
+    NonFiniteGuard use:
+
+    ==================================  ===============================================================
+    Key                                 Value
+    ==================================  ===============================================================
+    ``grad_clip/<o>total_norm``         total gradient norm before clipping (``exclude`` left out)
+    ``grad_clip/<o>clip_coef``          coefficient applied; 1.0 when not clipped; for ``value``,
+                                        ``agc``, per-group and per-param the ratio of post- to pre-clip
+                                        total norm
+    ``grad_clip/<o>threshold``          the adaptive limit (``zscore``, ``quantile`` only)
+    ==================================  ===============================================================
 
     Attributes ``last_total_norm`` and ``last_clip_coef`` hold the latest values as 0-d device
     tensors (``last_clip_coef`` for ``value``/``agc`` is refreshed on logging steps only, as it
@@ -209,6 +209,11 @@ class GradientClipping(Callback):
             self.__dict__["_state_key"] = key
         return key
 
+    @property
+    def grad_norm_types(self) -> tuple[float, ...]:
+        """Norm types this callback reads, precomputed by whichever callback reads gradients first."""
+        return (self.norm_type,)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse ``Trainer(gradient_clip_val=...)`` and resolve ``exclude`` patterns to parameters."""
@@ -240,11 +245,11 @@ class GradientClipping(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Compute the pre-clip norm, clip, record and (on logging steps) log."""
         ensure_unscaled(trainer, optimizer)
-        params = grad_params(optimizer, self._excluded_ids)
+        # norms of all the optimizer's gradients, before anyone modifies them, shared with other callbacks
+        params, norms = step_grad_norms(trainer, optimizer, self.norm_type, self._excluded_ids)
         if not params:
             return
         device = params[0].grad.device
-        norms = step_tensor_norms(trainer, optimizer, params, self.norm_type)
         total = combine_norms(norms, self.norm_type, device)
         logging = is_logging_step(trainer)
         idx = optimizer_index(trainer, optimizer)
@@ -283,11 +288,11 @@ class GradientClipping(Callback):
             self.last_clip_coef = coef
         self.last_threshold = threshold
         if logging:
-            suffix = f"_opt{idx}" if len(trainer.optimizers) > 1 else ""
-            pl_module.log(f"grad_clip/total_norm{suffix}", total, on_step=True, on_epoch=False)
-            pl_module.log(f"grad_clip/clip_coef{suffix}", self.last_clip_coef, on_step=True, on_epoch=False)
+            scope = metric_scope(trainer, optimizer)
+            pl_module.log(f"grad_clip/{scope}total_norm", total, on_step=True, on_epoch=False)
+            pl_module.log(f"grad_clip/{scope}clip_coef", self.last_clip_coef, on_step=True, on_epoch=False)
             if threshold is not None:
-                pl_module.log(f"grad_clip/threshold{suffix}", threshold, on_step=True, on_epoch=False)
+                pl_module.log(f"grad_clip/{scope}threshold", threshold, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
@@ -348,12 +353,11 @@ class GradientClipping(Callback):
         return {"algorithm": self.algorithm, "states": {i: s.state_dict() for i, s in self._states.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the adaptive state saved by :meth:`state_dict`."""
-        if state_dict.get("algorithm") != self.algorithm:
-            raise ValueError(
-                f"checkpoint holds GradientClipping(algorithm={state_dict.get('algorithm')!r}) state, this "
-                f"callback uses algorithm={self.algorithm!r}. Fix: resume with the same algorithm."
-            )
+        """Restore the adaptive state saved by :meth:`state_dict`.
+
+        Lightning hands a callback only the state saved under its own :attr:`state_key`, which
+        includes the algorithm, so the state always comes from the same algorithm.
+        """
         self._states = {}
         for i, s in state_dict.get("states", {}).items():
             state = self._new_state()

@@ -12,13 +12,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning_optkit.callbacks._adaptive import RunningNormStats
 from lightning_optkit.callbacks._step_context import (
     active_scaler,
+    arm_fused_skip,
+    disarm_fused_skip,
     ensure_unscaled,
-    grad_params,
     is_fused_amp_optimizer,
     is_logging_step,
     mark_scaler_skip,
+    metric_scope,
     optimizer_index,
-    step_tensor_norms,
+    optimizer_labels,
+    step_grad_norms,
 )
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
@@ -39,6 +42,7 @@ class _OptimizerTrack:
         self.consecutive = torch.zeros((), dtype=torch.float32)
         self.stats = RunningNormStats(alpha=spike_alpha, warmup=spike_warmup)
         self.host_run: int | None = None  # host mirror of `consecutive` on the host-sync path
+        self.unchecked = 0  # optimizer steps since `consecutive` was last read on the host
 
     def to(self, device: torch.device) -> None:
         if self.skipped.device != device:
@@ -50,8 +54,8 @@ class NonFiniteGuard(Callback):
 
     A skipped step leaves parameters, optimizer state and the optimizer's step counters exactly as
     they were; training goes on (LR schedulers still advance). The guard never raises on one bad
-    batch, but raises :class:`TooManySkippedSteps` after ``max_consecutive_skips`` skips in a row,
-    because then the run is broken.
+    batch (``max_consecutive_skips >= 2``), but raises :class:`TooManySkippedSteps` once
+    ``max_consecutive_skips`` steps in a row were skipped, because then the run is broken.
 
     Args:
         skip_on_spike: If set to ``k``, also skip when the total gradient norm exceeds the running
@@ -59,7 +63,8 @@ class NonFiniteGuard(Callback):
             norms were seen. Statistics: exact mean/variance during warmup, then an EMA with
             decay ``spike_alpha``. Skipped norms do not enter them, so a lasting jump of the norm
             keeps being skipped until ``max_consecutive_skips`` stops the run.
-        max_consecutive_skips: Raise after this many consecutive skipped steps (per optimizer).
+        max_consecutive_skips: Raise after this many consecutive skipped steps (per optimizer), an
+            integer >= 2 (see below for when the error comes on the sync-free paths).
         spike_warmup: Norms to observe before spike detection starts.
         spike_alpha: EMA decay of the spike statistics after warmup.
         norm_type: The p of the total gradient norm (non-finite check and spikes).
@@ -75,21 +80,34 @@ class NonFiniteGuard(Callback):
     * any other optimizer: **one bool device-to-host transfer per step**; on a skip all gradients
       of that optimizer are set to None, so torch's step leaves every parameter and its state alone.
 
-    On the no-sync paths the consecutive-skip counter stays on device and is checked on logging
-    steps only (``log_every_n_steps``), so the error may come up to that many steps late.
+    On the sync-free paths the consecutive-skip counter stays on device. It is read on the host
+    (one sync) every ``max_consecutive_skips`` optimizer steps of that optimizer, on logging steps,
+    and at the end of every training epoch and of training; on all other steps there is no host
+    sync. So the error comes at the latest when the run of skips reaches
+    ``2 * max_consecutive_skips - 1`` (or at the end of the epoch, if that is sooner), and the
+    amortised cost is one host sync per ``max_consecutive_skips`` steps.
 
     Under DDP the decision is collective without communication: Lightning's DDP has all-reduced
     the gradients before ``on_before_optimizer_step``, so a NaN on one rank reaches every rank's
     gradients and every rank computes the same norm, flag and statistics.
 
-    Logged every logging step through ``pl_module.log``: ``guard/skipped_steps`` (total skipped
-    optimizer steps so far) and ``guard/consecutive_skips`` (current run of skips). With several
-    optimizers each key gets the suffix ``_opt{i}`` (``i`` = index in ``trainer.optimizers``).
+    Logged every logging step through ``pl_module.log`` (``<o>`` is empty with one optimizer and
+    ``<label>/`` with several, the optimizer label GradientClipping and OptimizerMonitor use: the kit
+    spec's name, else the class name, repeats ``Adam``, ``Adam-1``):
+
+    ===================================  ==========================================================
+    Key                                  Value
+    ===================================  ==========================================================
+    ``guard/<o>skipped_steps``           skipped optimizer steps so far
+    ``guard/<o>consecutive_skips``       current run of skipped steps
+    ===================================  ==========================================================
+
     ``last_skip`` holds the latest flag as a 0-d device bool tensor.
 
-    With :class:`GradientClipping` registered too, both share one norm computation per step when
-    they norm the same parameters with the same ``norm_type``, and the skip wins over the clip
-    (a non-finite norm gives a NaN clip coefficient, never a finite one).
+    With :class:`GradientClipping` registered too, both use the gradient norms computed once per
+    step before either modifies a gradient (whatever the order of the callbacks and clipping's
+    ``exclude``), and the skip wins over the clip (a non-finite norm gives a NaN clip coefficient,
+    never a finite one).
     """
 
     def __init__(self, skip_on_spike: float | None = None, max_consecutive_skips: int = 20, *,
@@ -101,8 +119,9 @@ class NonFiniteGuard(Callback):
             raise SpecError("skip_on_spike", skip_on_spike, "pass a positive number of standard "
                             "deviations (e.g. 6.0), or None to skip only NaN/inf")
         if not (isinstance(max_consecutive_skips, int) and not isinstance(max_consecutive_skips, bool)
-                and max_consecutive_skips >= 1):
-            raise SpecError("max_consecutive_skips", max_consecutive_skips, "pass an integer >= 1")
+                and max_consecutive_skips >= 2):
+            raise SpecError("max_consecutive_skips", max_consecutive_skips, "pass an integer >= 2 (one bad "
+                            "batch is always skipped, never fatal)")
         if not (isinstance(spike_warmup, int) and not isinstance(spike_warmup, bool) and spike_warmup >= 1):
             raise SpecError("spike_warmup", spike_warmup, "pass an integer >= 1")
         if not (isinstance(spike_alpha, (int, float)) and 0 < spike_alpha < 1):
@@ -127,6 +146,11 @@ class NonFiniteGuard(Callback):
         """Checkpoint key of this callback."""
         return self._generate_state_key(skip_on_spike=self.skip_on_spike)
 
+    @property
+    def grad_norm_types(self) -> tuple[float, ...]:
+        """Norm types this callback reads, precomputed by whichever callback reads gradients first."""
+        return (self.norm_type,)
+
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:
             self._tracks[idx] = _OptimizerTrack(self.spike_alpha, self.spike_warmup)
@@ -136,11 +160,10 @@ class NonFiniteGuard(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Decide the skip flag on device and hand it to the optimizer (see the class docstring)."""
         ensure_unscaled(trainer, optimizer)
-        params = grad_params(optimizer)
+        params, norms = step_grad_norms(trainer, optimizer, self.norm_type)
         if not params:
             return
         device = params[0].grad.device
-        norms = step_tensor_norms(trainer, optimizer, params, self.norm_type)
         total = combine_norms(norms, self.norm_type, device)
         idx = optimizer_index(trainer, optimizer)
         track = self._track(idx)
@@ -163,9 +186,7 @@ class NonFiniteGuard(Callback):
         elif scaler is not None:
             mark_scaler_skip(scaler, raw, skip)
         elif is_fused_amp_optimizer(raw):
-            flag = skip.float().reshape(())
-            raw.found_inf = flag  # read by torch's fused step; removed in on_train_batch_end
-            self._armed.append((raw, flag))
+            self._armed.append((raw, arm_fused_skip(raw, skip)))  # removed in on_train_batch_end
         else:
             synced = True
             skip_host = bool(skip)  # the one host transfer per step of this path
@@ -179,37 +200,53 @@ class NonFiniteGuard(Callback):
                         p.grad = None
 
         logging = is_logging_step(trainer)
+        track.unchecked += 1
         if synced:
-            self._check_consecutive(idx, track.host_run)
-        elif logging:
-            self._check_consecutive(idx, int(track.consecutive))
+            track.unchecked = 0
+            self._check_consecutive(trainer, idx, track.host_run)
+        elif logging or track.unchecked >= self.max_consecutive_skips:
+            track.unchecked = 0
+            self._check_consecutive(trainer, idx, int(track.consecutive))  # the amortised host sync
         if logging:
-            suffix = f"_opt{idx}" if len(trainer.optimizers) > 1 else ""
-            pl_module.log(f"guard/skipped_steps{suffix}", track.skipped, on_step=True, on_epoch=False)
-            pl_module.log(f"guard/consecutive_skips{suffix}", track.consecutive, on_step=True, on_epoch=False)
+            scope = metric_scope(trainer, optimizer)
+            pl_module.log(f"guard/{scope}skipped_steps", track.skipped, on_step=True, on_epoch=False)
+            pl_module.log(f"guard/{scope}consecutive_skips", track.consecutive, on_step=True, on_epoch=False)
 
-    def _check_consecutive(self, idx: int, run: int) -> None:
+    def _check_consecutive(self, trainer: pl.Trainer, idx: int, run: int) -> None:
         if run >= self.max_consecutive_skips:
+            labels = optimizer_labels(trainer)
+            name = labels[idx] if idx < len(labels) else str(idx)
             raise TooManySkippedSteps(
-                f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {idx} "
+                f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {name!r} "
                 f"(max_consecutive_skips={self.max_consecutive_skips}): its gradients are non-finite or "
                 "spiking on every step, so the run is broken. Fix: check the data and loss for NaN/inf, "
                 "lower the learning rate, or use bf16/fp32 instead of fp16."
             )
 
+    def _check_all(self, trainer: pl.Trainer) -> None:
+        """Read every optimizer's consecutive-skip counter (one host sync each) and raise if too long."""
+        for idx, track in self._tracks.items():
+            track.unchecked = 0
+            run = track.host_run if track.host_run is not None else int(track.consecutive)
+            self._check_consecutive(trainer, idx, run)
+
     def _disarm(self) -> None:
         for raw, flag in self._armed:
-            if raw.__dict__.get("found_inf") is flag:
-                del raw.found_inf
+            disarm_fused_skip(raw, flag)
         self._armed.clear()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch."""
         self._disarm()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise if the run of skipped steps reached ``max_consecutive_skips`` (checked once per epoch)."""
+        self._check_all(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Clean up flags (if a batch was interrupted)."""
+        """Clean up flags (if a batch was interrupted), then check the skip runs a last time."""
         self._disarm()
+        self._check_all(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

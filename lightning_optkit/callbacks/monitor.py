@@ -12,25 +12,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_optkit.callbacks._step_context import ensure_unscaled, grad_params, step_tensor_norms
+from lightning_optkit.callbacks._step_context import (
+    ensure_unscaled,
+    is_logging_step,
+    logger_step,
+    optimizer_labels,
+    step_grad_norms,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
 
 __all__ = ["OptimizerMonitor"]
 
 NORM_NAMES = ("grad", "param", "update")
-
-
-def _logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's own logging uses for the current training batch.
-
-    Lightning's logger connector (``self.log``) and its LearningRateMonitor both log against
-    ``fit_loop.epoch_loop._batches_that_stepped``, which counts batches that stepped (once per batch,
-    whatever the number of optimizers). There is no public equivalent (``trainer.global_step`` counts
-    every optimizer's steps in manual optimization), so the private read is isolated here.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def _find_clipping_callback(trainer: pl.Trainer) -> Callback | None:
@@ -62,18 +56,6 @@ def _layer_name(param_name: str, depth: int) -> str:
     return ".".join(module_path[:depth]) if module_path else param_name
 
 
-def _optimizer_names(optimizers: Sequence[Any]) -> list[str]:
-    """Class names; repeats of a class get ``-1``, ``-2``... (``Adam``, ``Adam-1``), as Lightning does."""
-    seen: dict[str, int] = {}
-    names = []
-    for opt in optimizers:
-        cls = type(getattr(opt, "optimizer", opt)).__name__
-        count = seen.get(cls, 0)
-        seen[cls] = count + 1
-        names.append(cls if count == 0 else f"{cls}-{count}")
-    return names
-
-
 def _norm2(values: Iterable[float]) -> float:
     """2-norm of a vector given its parts' 2-norms, accumulated in float64."""
     return math.sqrt(math.fsum(v * v for v in values))
@@ -99,7 +81,11 @@ class _Plan:
 
 @dataclass
 class _PendingStep:
-    """Device tensors recorded at one logging optimizer step, resolved at ``on_train_batch_end``."""
+    """Device tensors recorded at the optimizer steps of one logging batch, resolved at its end.
+
+    Grad norms, hyperparameters and the clip coefficient are those of the optimizer's last step in the
+    batch; param norms and the snapshot (for the update) are from before its first step.
+    """
 
     plan: _Plan
     hparams: dict[str, float | torch.Tensor]
@@ -150,7 +136,8 @@ class OptimizerMonitor(Callback):
     """Log learning rates and gradient, parameter and update norms through the Trainer's loggers.
 
     Every ``every_n_steps`` optimizer steps (default: ``Trainer(log_every_n_steps)``), on the same
-    batches and step axis as Lightning's own ``self.log`` rows. Norms are 2-norms computed with batched
+    batches and step axis as Lightning's own ``self.log`` rows (and, like them, on the batch the
+    Trainer was told to stop at). Norms are 2-norms computed with batched
     foreach kernels, kept on device, and moved to the host in one transfer per logging step; steps that
     do not log cost no host sync, no kernel and no extra memory. Update norms need the parameters from
     before the step, so they are copied, on logging steps only (one extra copy of the parameters, freed
@@ -172,9 +159,10 @@ class OptimizerMonitor(Callback):
             WandbLogger, ``per_layer=True`` and ``"grad"`` in ``norms``).
 
     Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...).
-    An optimizer is named by its class; several of one class are ``Adam``, ``Adam-1``, ``Adam-2``...
-    ``<s>`` below is ``<group>`` with one optimizer and ``<optimizer>/<group>`` with several;
-    ``<o>`` is empty with one optimizer and ``<optimizer>/`` with several.
+    An optimizer is labelled by its kit spec name when it was built from a spec, else by its class;
+    repeats get ``-1``, ``-2``... (``Adam``, ``Adam-1``); GradientClipping and NonFiniteGuard use the
+    same labels. ``<s>`` below is ``<group>`` with one optimizer and ``<label>/<group>`` with several;
+    ``<o>`` is empty with one optimizer and ``<label>/`` with several.
 
     ===================================  ===========================================================
     Key                                  Value
@@ -198,11 +186,13 @@ class OptimizerMonitor(Callback):
     Gradient norms are pre-clip whatever the callback order: at setup the monitor moves itself just
     ahead of a gradient-clipping callback (one exposing ``last_total_norm`` and ``last_clip_coef``,
     e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here.
-    If an optimizer steps several times in one batch (manual optimization), its first step is
-    reported and the update is the change over the whole batch. ``total_clipped`` and ``clip_coef``
-    come from the clipping callback's ``last_clip_coef`` and are left out when it did not set a new
-    one during the logged step (GradientClipping's ``value``/``agc`` refresh it on Lightning's logging
-    steps only).
+    If an optimizer steps several times in one batch (manual optimization, e.g. an n-critic loop):
+    ``grad_norm``, ``lr``/``momentum``/``weight_decay`` and the clip keys are those of its last step
+    in the batch; ``param_norm`` is from before its first step and ``update_norm`` is the total change
+    over the batch (all its steps), so ``update_ratio`` is the relative change over the batch.
+    ``total_clipped`` and ``clip_coef`` come from the clipping callback's ``last_clip_coef`` and are
+    left out when it did not set a new one during the logged step (GradientClipping's
+    ``value``/``agc`` refresh it on Lightning's logging steps only).
     """
 
     def __init__(
@@ -278,7 +268,7 @@ class OptimizerMonitor(Callback):
         """Name every optimizer, group and parameter (host-side, once)."""
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._plans = {}
-        names = _optimizer_names(trainer.optimizers)
+        names = optimizer_labels(trainer)
         several = len(trainer.optimizers) > 1
         for opt, name in zip(trainer.optimizers, names, strict=True):
             self._plans[id(opt)] = self._make_plan(opt, f"{name}/" if several else "")
@@ -313,7 +303,7 @@ class OptimizerMonitor(Callback):
 
     # ------------------------------------------------------------------ per step
     def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
-        return self._active and (_logger_step(trainer) + 1) % self._every == 0
+        return self._active and is_logging_step(trainer, self._every)
 
     def _hparams(self, plan: _Plan) -> dict[str, float | torch.Tensor]:
         out: dict[str, float | torch.Tensor] = {}
@@ -350,21 +340,23 @@ class OptimizerMonitor(Callback):
             return
         raw = getattr(optimizer, "optimizer", optimizer)
         self._harvest_clip()  # the clipping callback has run for the previously recorded step
-        if id(raw) in self._pending:
-            return
-        plan = self._plan_for(raw)
-        pending = _PendingStep(plan, self._hparams(plan))
+        pending = self._pending.get(id(raw))
         with torch.no_grad():
+            if pending is None:  # first step of this optimizer in the batch: state before the batch
+                plan = self._plan_for(raw)
+                pending = _PendingStep(plan, {})
+                if "param" in self.norms or "update" in self.norms:
+                    pending.param_norms = tensor_norms(plan.params, 2.0)
+                if "update" in self.norms:
+                    pending.snapshot = [p.detach().clone() for p in plan.params]
+            # every step (n-critic loops step one optimizer several times): the latest step wins
+            pending.hparams = self._hparams(pending.plan)
+            pending.clip_coef = None
             if "grad" in self.norms:
                 ensure_unscaled(trainer, optimizer)
-                with_grad = grad_params(raw)
-                # cached for GradientClipping, which runs after us (see setup) and reuses them
-                pending.grad_norms = step_tensor_norms(trainer, raw, with_grad, 2.0)
-                pending.grad_layers = [plan.layer_of.get(id(p), "unregistered") for p in with_grad]
-            if "param" in self.norms or "update" in self.norms:
-                pending.param_norms = tensor_norms(plan.params, 2.0)
-            if "update" in self.norms:
-                pending.snapshot = [p.detach().clone() for p in plan.params]
+                # computed before GradientClipping (which runs after us, see setup) modifies them
+                with_grad, pending.grad_norms = step_grad_norms(trainer, raw, 2.0)
+                pending.grad_layers = [pending.plan.layer_of.get(id(p), "unregistered") for p in with_grad]
         self._pending[id(raw)] = pending
         if self._clip is not None:
             self._awaiting_clip = pending
@@ -454,7 +446,7 @@ class OptimizerMonitor(Callback):
         return metrics, histogram_values
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
-        step = _logger_step(trainer)
+        step = logger_step(trainer)
         extra: dict[str, Any] = {}
         if self.histograms and histogram_values:
             import wandb

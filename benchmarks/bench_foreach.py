@@ -5,6 +5,11 @@ Both paths are the same optimizer class and rule: ``foreach=True`` runs the rule
 measured the same way in the same run as the baseline. Timings are medians over many repeats of
 one ``optimizer.step()``, after warm-up, with the two paths interleaved so machine noise hits both.
 
+A second table measures the guarded step: a skip flag deferred before every step (false, as
+NonFiniteGuard hands over on a healthy step), on the foreach path and, where the optimizer has a fused
+kernel, with ``fused=True`` (the kernel applies the skip inside its one pass), against the plain foreach
+step of the same optimizer in the same run.
+
 Usage: python benchmarks/bench_foreach.py [--params 200] [--repeats 40] [--threads 1]
 """
 
@@ -51,6 +56,53 @@ def time_steps(optimizer: torch.optim.Optimizer) -> float:
     start = time.perf_counter()
     optimizer.step()
     return time.perf_counter() - start
+
+
+def time_guarded_step(optimizer: torch.optim.Optimizer) -> float:
+    """One step with a (false) skip flag deferred first, as NonFiniteGuard does on every step."""
+    start = time.perf_counter()
+    optimizer.defer_skip(torch.zeros((), dtype=torch.bool))
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+GUARDED: list[tuple[str, Callable[..., torch.optim.Optimizer], dict]] = [
+    ("MomentumSGD", MomentumSGD, dict(lr=1e-3, momentum=0.9)),
+    ("Lion", Lion, dict(lr=1e-4, weight_decay=0.1)),
+    ("LAMB", LAMB, dict(lr=1e-3)),
+    ("Adan", Adan, dict(lr=1e-3, weight_decay=0.02)),
+    ("ScheduleFreeAdamW", ScheduleFreeAdamW, dict(lr=1e-3, weight_decay=0.01)),
+]
+
+
+def guarded_table(shapes: list[tuple[int, ...]], gen: torch.Generator, repeats: int, warmup: int) -> None:
+    """Plain foreach step vs guarded foreach step vs guarded fused step, same optimizer, interleaved."""
+    header = (f"{'optimizer':<20} {'foreach ms':>11} {'+guard ms':>10} {'guard/plain':>12} "
+              f"{'fused+guard ms':>15} {'fused+guard/plain':>18}")
+    print("\nGuarded step (a deferred skip flag every step, as NonFiniteGuard)")
+    print(header)
+    print("-" * len(header))
+    for name, cls, kwargs in GUARDED:
+        variants = {"plain": (dict(foreach=True), time_steps), "guard": (dict(foreach=True), time_guarded_step)}
+        if cls.fused_kernel is not None:
+            variants["fused"] = (dict(fused=True), time_guarded_step)
+        runs = {}
+        for key, (extra, timer) in variants.items():
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            runs[key] = (cls(params, **kwargs, **extra), timer)
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(warmup):
+            for optimizer, timer in runs.values():
+                timer(optimizer)
+        for _ in range(repeats):
+            for key, (optimizer, timer) in runs.items():
+                times[key].append(timer(optimizer))
+        ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
+        fused = f"{ms['fused']:15.2f} {ms['fused'] / ms['plain']:17.2f}x" if "fused" in ms else f"{'-':>15} {'-':>18}"
+        print(f"{name:<20} {ms['plain']:11.2f} {ms['guard']:10.2f} {ms['guard'] / ms['plain']:11.2f}x {fused}")
+    print("guard/plain: guarded foreach step time / plain foreach step time (same optimizer, same run).")
 
 
 def main() -> None:
@@ -100,6 +152,7 @@ def main() -> None:
         print(f"{name:<20} {loop_ms:9.2f} {foreach_ms:11.2f} {loop_ms / foreach_ms:12.2f}x {versus:>17}")
     print("\nloop/foreach: speedup of the foreach path over the per-parameter loop of the same rule.")
     print("vs torch foreach: kit foreach time / torch foreach time (MomentumSGD vs SGD, others vs AdamW).")
+    guarded_table(shapes, gen, args.repeats, args.warmup)
 
 
 if __name__ == "__main__":

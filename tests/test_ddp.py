@@ -192,3 +192,54 @@ def test_overlap_clipping_inside_the_hook_matches_callback_clipping(no_launch_en
     drift = max((overlapped.state_dict()[k] - unclipped.state_dict()[k]).abs().max().item()
                 for k in unclipped.state_dict())
     assert drift > 1e-4  # clipping was active
+
+
+class _ScaledSum(torch.nn.Module):
+    """``loss = sum(weight * x)``: the gradient of ``weight`` is ``x`` exactly."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * x).sum()
+
+
+def test_overlap_hook_applies_fused_adamw_stochastic_rounding(tmp_path, monkeypatch) -> None:
+    """bf16 steps below half an ulp survive in the hook too, with FusedAdamW's own seed sequence."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's CPU interpreter: the SR path needs Triton
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_optkit.distributed.overlap import overlap_hook
+    from lightning_optkit.optim.fused_adamw import FusedAdamW
+
+    n, lr = 4096, 1e-3  # a step of 1e-3 from 1.0 rounds back to 1.0 under round-to-nearest (ulp 2**-8)
+    kwargs = dict(lr=lr, weight_decay=0.0, backend="triton", stochastic_rounding=True)
+    torch.manual_seed(0)
+    reference = _ScaledSum(n)
+    reference_opt = FusedAdamW(reference.parameters(), **kwargs)
+    torch.manual_seed(0)  # the same stochastic-rounding seed
+    net = _ScaledSum(n)
+    opt = FusedAdamW(net.parameters(), **kwargs)
+    x = torch.ones(n, dtype=torch.bfloat16)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        state = OverlapState(skip_non_finite=False)
+        state.attach(opt, net)
+        ddp = DistributedDataParallel(net)
+        ddp.register_comm_hook(state=state, hook=overlap_hook)
+        for _ in range(3):
+            state.armed = True
+            ddp(x).backward()
+            state.armed = False
+            state.finish_step()
+            opt.zero_grad()
+            reference.weight.grad = x.clone()
+            reference_opt.step()
+            assert torch.equal(net.weight, reference.weight)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert state.bucket_updates == 3
+    assert (net.weight != 1.0).any()  # rounding was stochastic: round-to-nearest would keep every 1.0
+    assert abs(net.weight.double().mean().item() - (1.0 - 3 * lr)) < 1.5e-4  # and unbiased

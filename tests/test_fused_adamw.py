@@ -168,12 +168,16 @@ def test_nonfinite_grad_skips_without_host_sync(backend, bad, gen, monkeypatch):
         for key, value in old_state.items():
             assert torch.equal(opt.state[p][key], value), key
     assert not torch.isfinite(opt.last_grad_norm)
+    # ... but the skip itself is counted, on the device, with no guard installed.
+    assert opt.skipped_steps.dtype == torch.int64 and opt.skipped_steps.device == params[0].device
+    assert opt.skipped_steps.item() == 1
 
     # The skipped step did not count: the next finite step continues exactly like torch's.
     set_grads(params, ref, gen)
     opt.step()
     ref_opt.step()
     assert_same_as_torch(opt, ref_opt, params, ref)
+    assert opt.skipped_steps.item() == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -326,6 +330,21 @@ def test_grad_scaler_hands_scale_and_found_inf_to_the_step(gen):
             ref_opt.step()
     assert scaler.get_scale() == 512.0  # the inf step was reported back to the scaler
     assert_same_as_torch(opt, ref_opt, params, ref)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_grad_norm", 1.0), ("backend", "torch"),
+                                            ("stochastic_rounding", True)])
+def test_param_groups_cannot_set_optimizer_wide_options(key, value):
+    """One clip over all groups, one backend, one rounding mode: a group setting one would be ignored."""
+    first, second = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    with pytest.raises(SpecError, match=f"param group {key}.*set {key} once on FusedAdamW"):
+        FusedAdamW([{"params": [first], key: value}])
+    opt = FusedAdamW([first])
+    with pytest.raises(SpecError, match=f"param group {key}"):
+        opt.add_param_group({"params": [second], key: value})
+    assert len(opt.param_groups) == 1 and key not in opt.defaults
+    opt.add_param_group({"params": [second], "lr": 0.5})  # per-group hyperparameters still work
+    assert opt.param_groups[1]["lr"] == 0.5
 
 
 def test_construction_errors_name_field_and_fix():

@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import lightning_optkit.kernels as kernels
 from lightning_optkit.errors import SpecError
 from lightning_optkit.optim.adan import Adan
+from lightning_optkit.optim.base import restore_if
 from lightning_optkit.optim.lamb import LAMB
 from lightning_optkit.optim.lion import Lion
 from lightning_optkit.optim.modifiers import AcceptsStepModifiers
@@ -167,9 +169,84 @@ def test_false_skip_flag_and_grad_scale_act_like_prescaled_grads(cls, kwargs) ->
         ours.step()
         plain.step()
         for p, g in zip(params, grads):
-            assert torch.equal(p.grad, g)  # p.grad is not rewritten
+            assert torch.equal(p.grad, g * scale)  # scaled in place: no gradient-sized copy
         for a, b in zip(params, twin):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ALL, ids=IDS)
+def test_skip_with_nan_grads_restores_nan_and_signed_zero_bits(cls, kwargs) -> None:
+    params = make_params()
+    optimizer = cls(params, **kwargs)
+    set_grads(params, [torch.randn_like(p) for p in params])
+    optimizer.step()
+    with torch.no_grad():
+        params[0][0, 0] = -0.0
+        params[1][0] = float("nan")
+    state_before = copy.deepcopy(optimizer.state_dict()["state"])
+    bits = [p.detach().view(torch.int32).clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0][1, 1] = float("nan")
+    grads[2].fill_(float("inf"))
+    set_grads(params, grads)
+    optimizer.defer_skip(torch.tensor(True))
+    optimizer.step()
+    for p, b in zip(params, bits):
+        assert torch.equal(p.detach().view(torch.int32), b)
+    for index, entry in state_before.items():
+        for key, value in entry.items():
+            now = optimizer.state_dict()["state"][index][key]
+            torch.testing.assert_close(now, value, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["where-per-tensor", "multi-tensor-bits"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_restore_if_selects_bit_patterns_exactly(per_tensor, flag) -> None:
+    """Both select strategies (CPU's per-tensor where, the accelerator's integer foreach) are exact."""
+    special = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45, -3.5]
+    olds, news = [], []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        olds += [torch.tensor(special, dtype=dtype), torch.randn(5, 3).to(dtype), torch.tensor(-0.0, dtype=dtype)]
+        news += [torch.tensor(special[::-1], dtype=dtype), torch.randn(5, 3).to(dtype),
+                 torch.tensor(float("nan"), dtype=dtype)]
+    olds[0][0] = -float("nan")  # a NaN with the sign bit set: its payload must come back too
+    tensors = [t.clone() for t in news]
+    saved = [t.clone() for t in olds]
+    restore_if(torch.tensor(flag), tensors, saved, per_tensor=per_tensor)
+    for got, want in zip(tensors, olds if flag else news):
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.element_size()]
+        assert torch.equal(got.view(bits), want.view(bits))
+
+
+class _CountTorchCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls_per_step(optimizer, params, skip: bool | None) -> int:
+    set_grads(params, [torch.randn_like(p) for p in params])
+    if skip is not None:
+        optimizer.defer_skip(torch.tensor(skip))
+    with _CountTorchCalls() as counter:
+        optimizer.step()
+    return counter.calls
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ALL, ids=IDS)
+def test_guarded_foreach_step_adds_one_select_per_tensor_and_no_per_tensor_clones(cls, kwargs) -> None:
+    """NonFiniteGuard defers a skip flag every step: its cost must stay one clone call + one select each."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(20)]
+    optimizer = cls(params, **kwargs)
+    _calls_per_step(optimizer, params, None)  # state exists now
+    plain = _calls_per_step(optimizer, params, None)
+    guarded = _calls_per_step(optimizer, params, False)
+    written = len(params) * (1 + len(cls.state_names) + len(cls.scalar_state_names))
+    assert guarded - plain <= written + 8
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), ALL, ids=IDS)

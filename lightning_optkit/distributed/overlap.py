@@ -15,7 +15,7 @@ runs the closure (forward, backward, ``on_before_optimizer_step``) and the optim
 parameter update has already happened, inside backward.
 
 Supported: one :class:`~lightning_optkit.optim.fused_adamw.FusedAdamW` optimizer holding every trainable
-parameter (any param groups, amsgrad, maximize); automatic optimization; gradient accumulation
+parameter (any param groups, amsgrad, maximize, ``stochastic_rounding``); automatic optimization; gradient accumulation
 (``accumulate_grad_batches``: micro-batches run under ``no_sync`` and never update); lr schedules
 (each bucket reads its group's ``lr`` when it updates, a float or a device tensor); checkpointing and
 resume (the state is the optimizer's own); clipping and non-finite skipping *per bucket or per
@@ -39,11 +39,11 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_optkit.errors import SpecError
 from lightning_optkit.kernels.functional import adamw_step
+from lightning_optkit.norms import clip_coefficient
 
 __all__ = ["OverlapDDPStrategy", "OverlapState", "overlap_hook"]
 
 _CLIP_PER = ("bucket", "param")
-_EPS = 1e-6  # in the clip coefficient, as torch.nn.utils.clip_grad_norm_
 
 
 class OverlapState:
@@ -52,7 +52,9 @@ class OverlapState:
     Args:
         max_norm: clip inside the hook (``None``: no clipping): each bucket's gradient norm
             (``clip_per="bucket"``) or each parameter's (``clip_per="param"``) is scaled down to at
-            most ``max_norm``, with ``clip_grad_norm_``'s coefficient ``min(1, max_norm / (norm + 1e-6))``.
+            most ``max_norm``, with :func:`lightning_optkit.norms.clip_coefficient`: ``clip_grad_norm_``'s
+            ``min(1, max_norm / (norm + 1e-6))``, but NaN for a non-finite norm (so the update is visibly
+            broken rather than zeroed when ``skip_non_finite=False``).
         clip_per: ``"bucket"`` or ``"param"``.
         skip_non_finite: leave a bucket's parameters and state untouched when its reduced gradient
             holds NaN/inf. Reduced gradients are the same on every rank, so every rank decides the same.
@@ -117,9 +119,9 @@ class OverlapState:
         skip = ~torch.isfinite(bucket_norm) if self.skip_non_finite else None
         scale = None
         if self.max_norm is not None and self.clip_per == "bucket":
-            scale = torch.clamp(self.max_norm / (bucket_norm + _EPS), max=1.0)
+            scale = clip_coefficient(self.max_norm, bucket_norm)
         elif self.max_norm is not None:
-            coefs = [torch.clamp(self.max_norm / (n.float() + _EPS), max=1.0).to(g.dtype) for n, g in zip(norms, grads)]
+            coefs = [clip_coefficient(self.max_norm, n.float()).to(g.dtype) for n, g in zip(norms, grads)]
             torch._foreach_mul_(grads, coefs)
         return scale, skip
 
@@ -152,9 +154,19 @@ class OverlapState:
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=scale, skip=skip,
-                backend=opt.backend,
+                backend=opt.backend, sr_seed=opt._sr_seed(ps[0].device),
             )
         self.bucket_updates += 1
+
+    def finish_step(self) -> None:
+        """Close one optimizer step: advance FusedAdamW's stochastic-rounding seeds (on device), once.
+
+        Every bucket of a step uses the same seed, as FusedAdamW's own step uses one seed for all its
+        groups. :class:`OverlapDDPStrategy` calls this after each step; call it yourself after each armed
+        backward when you register :func:`overlap_hook` by hand.
+        """
+        if self.optimizer is not None:
+            self.optimizer._advance_sr_seeds()
 
 
 def overlap_hook(state: OverlapState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -291,6 +303,8 @@ class OverlapDDPStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         self.overlap.armed = True
         try:
-            return super().optimizer_step(_StepAppliedByHook(raw), closure, model, **kwargs)
+            result = super().optimizer_step(_StepAppliedByHook(raw), closure, model, **kwargs)
         finally:
             self.overlap.armed = False
+        self.overlap.finish_step()
+        return result

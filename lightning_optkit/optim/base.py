@@ -11,11 +11,20 @@ A subclass writes three things:
 
 The base supplies ``step(closure=None)``: the closure runs under ``torch.enable_grad()`` and its
 loss is returned; gradients are gathered (sparse gradients raise), the pending
-:class:`~lightning_optkit.optim.modifiers.StepModifiers` are applied, and the rule runs either once
+:class:`~lightning_optkit.optim.modifiers.StepModifiers` are applied (below), and the rule runs either once
 per (device, dtype) bucket (``foreach=True``, the default) or once per parameter (``foreach=False``,
 the rule sees one-element lists). ``zero_grad``, ``state_dict`` and ``load_state_dict`` are torch's,
 so checkpoints have torch's format. Step counters are 0-d float32 tensors on the parameter's device,
 so a skipped step never needs a host sync.
+
+Step modifiers on the foreach / per-parameter path, exactly: a deferred grad scale multiplies ``p.grad``
+in place (one extra read+write of the gradients, no extra allocation; ``p.grad`` holds the scaled
+gradient afterwards, as after torch's clipping). A deferred skip flag advances step counters by
+``not skip``, snapshots every other tensor the rule writes (parameters and state: one foreach clone, so
+temporarily one extra copy of them), runs the rule, then selects old or new values on device
+(:func:`restore_if`): bit-identical on skip and no host sync, but an extra pass over parameters and
+state. NonFiniteGuard defers a skip flag on every step, so for guarded runs ``fused=True`` (where the
+optimizer has a kernel) is the fast path: the kernel applies scale and skip inside its single pass.
 
 Fused hook: a subclass that sets ``fused_kernel = "<name>"`` accepts ``fused=True``; then ``step``
 hands each group to :meth:`KitOptimizer._fused_step`, which calls ``lightning_optkit.kernels.<name>``
@@ -214,18 +223,22 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         lists = self._state_lists(params)
         steps = lists.pop("step", [])
         if skip is not None:
-            # Update on the side, then select old or new per tensor on device: no host sync.
-            touched = [*params, *steps, *(t for ts in lists.values() for t in ts)]
-            saved = [t.clone() for t in touched]
+            # Snapshot everything the rule writes (one foreach clone), update, then select old or new on
+            # device: no host sync, and the old values come back bit for bit (NaN and -0.0 included).
+            touched = [*params, *(t for ts in lists.values() for t in ts)]
+            saved = torch._foreach_clone(touched)
         if scale is not None:
-            grads = torch._foreach_mul(grads, scale.to(grads[0].device))
-        if steps:
+            # In place on p.grad (as GradientClipping does for other optimizers): no gradient-sized copy.
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
+        if steps and skip is not None:
+            # Counters advance by 0 or 1 on device (exact for these small integers): no snapshot needed.
+            # On a skipped step the rule sees the old count; its results are discarded by the select.
+            torch._foreach_add_(steps, (~skip).to(device=steps[0].device, dtype=steps[0].dtype))
+        elif steps:
             torch._foreach_add_(steps, 1.0)
         self._update(group, params, grads, lists, steps)
         if skip is not None:
-            keep_old = skip.to(params[0].device)
-            for tensor, old in zip(touched, saved):
-                tensor.copy_(torch.where(keep_old, old, tensor))
+            restore_if(skip.to(params[0].device), touched, saved)
 
     def _update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -248,6 +261,35 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         if kernel is None:
             raise NotImplementedError(f"lightning_optkit.kernels.{self.fused_kernel} is not available")
         kernel(group, params, grads, state_lists, scale, skip)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def restore_if(flag: Tensor, tensors: list[Tensor], saved: list[Tensor], *, per_tensor: bool | None = None) -> None:
+    """``tensors[i] <- saved[i]`` where the 0-d bool ``flag`` is true, bit for bit, with no host sync.
+
+    ``per_tensor`` (default: on CPU) runs one ``torch.where`` per tensor: on CPU a foreach op is a loop
+    of per-tensor ops anyway, and this is the fewest of them. Elsewhere a launch per tensor would cost
+    more than the update, so the select runs as three multi-tensor ops on the integer bit patterns:
+    ``new + (old - new) * flag``, exact in two's complement wrap-around (NaN payloads and -0.0 included).
+    """
+    if not tensors:
+        return
+    if per_tensor if per_tensor is not None else tensors[0].device.type == "cpu":
+        for tensor, old in zip(tensors, saved):
+            torch.where(flag, old, tensor, out=tensor)
+        return
+    by_size: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+    for tensor, old in zip(tensors, saved):
+        bits = _BITS[tensor.element_size()]
+        news, olds = by_size.setdefault(tensor.element_size(), ([], []))
+        news.append(tensor.view(bits))
+        olds.append(old.view(bits))
+    for size, (news, olds) in by_size.items():
+        torch._foreach_sub_(olds, news)  # the snapshots are scratch now: old - new
+        torch._foreach_mul_(olds, flag.to(_BITS[size]))
+        torch._foreach_add_(news, olds)
 
 
 def bias_correction(steps: list[Tensor], coefficient: float) -> Tensor:

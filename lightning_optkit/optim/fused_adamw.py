@@ -43,6 +43,9 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # loads the other's state_dict. foreach/capturable/differentiable/fused are carried for that format only.
 _TORCH_ONLY_KEYS = {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
                     "decoupled_weight_decay": True}
+# Constructor options that apply to the whole optimizer (one clip over all groups, one backend choice, one
+# rounding mode); kept out of ``defaults`` so that a param group cannot appear to set them.
+_OPTIMIZER_WIDE = ("max_grad_norm", "backend", "stochastic_rounding")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -82,6 +85,15 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
     (``None`` when the step did not compute it: no ``max_grad_norm`` and the skip decision came from
     outside). Moments are fp32 for bf16/fp16 parameters. A skipped step (non-finite gradients,
     :meth:`defer_skip`, GradScaler's ``found_inf``) leaves parameters, state and step counters untouched.
+
+    Skipping happens even with no NonFiniteGuard (the step computes the gradient norm to decide), so
+    it is counted: ``skipped_steps`` is a 0-d int64 tensor on the parameters' device, incremented inside
+    every step by its skip flag (no host sync). Read it when you log, e.g.
+    ``self.log("skipped", optimizer.skipped_steps.item())``; it counts since construction and is not
+    part of ``state_dict``.
+
+    ``max_grad_norm``, ``backend`` and ``stochastic_rounding`` apply to the whole optimizer: a param
+    group that sets one of them raises a SpecError.
     """
 
     _step_supports_amp_scaling = True
@@ -119,6 +131,7 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
+        self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self._path_log = PathLogger(type(self).__name__)
         self.stochastic_rounding = bool(stochastic_rounding)
         self._sr_seeds: dict[torch.device, Tensor] = {}
@@ -134,6 +147,20 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                         raise SpecError("backend", backend, "move the model to CUDA, set TRITON_INTERPRET=1 "
                                         "(Triton's CPU interpreter, for tests), or use backend='torch'",
                                         problem=f"cannot run on {p.device.type} parameters")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, refusing options that apply to the whole optimizer only."""
+        for key in _OPTIMIZER_WIDE:
+            if key in param_group:
+                raise SpecError(f"param group {key}", param_group[key], f"set {key} once on FusedAdamW(...) "
+                                "(it applies to every group), and drop it from the param group",
+                                problem="is an optimizer-wide option that a param group cannot change")
+        super().add_param_group(param_group)
+
+    def _advance_sr_seeds(self) -> None:
+        """Move every stochastic-rounding seed on by one, on device: fresh noise for the next step."""
+        for seed in self._sr_seeds.values():
+            seed.add_(1)
 
     def _check_stochastic_rounding_path(self) -> None:
         for group in self.param_groups:
@@ -264,7 +291,11 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             self.pop_step_modifiers()
             return loss
         all_grads = [g for _, _, grads in batches for g in grads]
-        mult, skip = self._scale_and_skip(all_grads, all_grads[0].device)
+        device = all_grads[0].device
+        mult, skip = self._scale_and_skip(all_grads, device)
+        if self.skipped_steps.device != device:
+            self.skipped_steps = self.skipped_steps.to(device)
+        self.skipped_steps.add_(skip.to(torch.int64))
         for group, params, grads in batches:
             states = [self.state[p] for p in params]
             beta1, beta2 = group["betas"]
@@ -277,6 +308,5 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                 amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=mult, skip=skip,
                 backend=self.backend, path_log=self._path_log, sr_seed=self._sr_seed(params[0].device),
             )
-        for seed in self._sr_seeds.values():
-            seed.add_(1)  # on device: a fresh noise pattern next step, no host sync
+        self._advance_sr_seeds()
         return loss

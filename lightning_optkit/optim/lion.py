@@ -19,7 +19,10 @@ class Lion(KitOptimizer):
     Per step: ``p <- p * (1 - lr*wd)``; ``c = b1*m + (1-b1)*g``; ``p <- p - lr*sign(c)``;
     ``m <- b2*m + (1-b2)*g``. Defaults as the reference: lr=1e-4, betas=(0.9, 0.99), wd=0 (the
     paper suggests a 3-10x smaller lr and 3-10x larger wd than AdamW). State: ``exp_avg``.
-    ``fused=True`` uses ``lightning_optkit.kernels.lion_fused_step`` when that kernel exists.
+    ``fused=True`` uses ``lightning_optkit.kernels.lion_fused_step``, which applies a deferred grad
+    scale and skip flag inside its single pass: the fast path on CUDA for runs with NonFiniteGuard or
+    GradientClipping (the foreach path snapshots and selects every parameter and moment on a guarded
+    step; on CPU the kernel falls back to a slower per-tensor path, see benchmarks/bench_foreach.py).
     """
 
     validators = {"lr": non_negative, "betas": betas(2), "weight_decay": non_negative}

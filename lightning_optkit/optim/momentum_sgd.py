@@ -20,7 +20,9 @@ class MomentumSGD(KitOptimizer):
     Identical in every step to ``torch.optim.SGD(lr, momentum, dampening=0, weight_decay, nesterov)``
     (the buffer starts at zero, so its first value is ``g`` exactly as torch's clone). State per
     parameter: ``momentum_buffer`` (torch's name). ``fused=True`` uses
-    ``lightning_optkit.kernels.momentum_sgd_fused_step`` when that kernel exists.
+    ``lightning_optkit.kernels.momentum_sgd_fused_step``, which applies a deferred grad scale and skip
+    flag inside its single pass: the fast path for runs with NonFiniteGuard or GradientClipping (the
+    foreach path snapshots and selects every parameter and buffer on a guarded step).
     """
 
     validators = {"lr": non_negative, "momentum": non_negative, "weight_decay": non_negative}

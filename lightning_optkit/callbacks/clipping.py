@@ -122,7 +122,8 @@ class GradientClipping(Callback):
 
     Costs no host sync on non-logging steps. For kit optimizers implementing
     ``AcceptsStepModifiers`` a single global coefficient is handed over with
-    ``defer_grad_scale`` (no extra pass over the gradients); otherwise ``torch._foreach_mul_``.
+    ``defer_grad_scale``: the fused paths (FusedAdamW, ``fused=True``) apply it inside the update with no
+    extra pass, the kit foreach path with one in-place multiply; otherwise ``torch._foreach_mul_``.
     The adaptive state (zscore/quantile) is saved in and restored from checkpoints.
     """
 
@@ -298,7 +299,7 @@ class GradientClipping(Callback):
     def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
                       coef: torch.Tensor) -> None:
         if accepts_step_modifiers(raw) and not self._excluded_ids:
-            raw.defer_grad_scale(coef)  # applied inside the kit optimizer's update, no extra pass
+            raw.defer_grad_scale(coef)  # applied by the kit optimizer's step (fused: inside the update)
         else:
             _scale_grads_(grads, coef)
 

@@ -3,8 +3,9 @@
 A callback (GradientClipping, NonFiniteGuard) decides, in ``on_before_optimizer_step``, a gradient
 scale (the clip coefficient) and a skip flag, both as device tensors. An optimizer that mixes in
 :class:`StepModifiers` accepts them with :meth:`defer_grad_scale` / :meth:`defer_skip` and applies
-them inside its next ``step()`` with no host sync: gradients are read as ``grad * scale``, and when
-the skip flag is true the step leaves parameters, state and the step counter exactly as they were.
+them inside its next ``step()`` with no host sync: the gradients are scaled (inside the update on the
+fused paths, by one in-place multiply on the foreach path), and when the skip flag is true the step
+leaves parameters, state and the step counter exactly as they were.
 Other optimizers get the scale applied with foreach ops by the callback itself.
 """
 

@@ -59,15 +59,18 @@ class SpiralClassifier(OptimizerMixin, L.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for 2-D points."""
         return self.head(self.backbone(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on a batch (the mixin's optimizer steps it)."""
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Validation loss and torchmetrics accuracy."""
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)

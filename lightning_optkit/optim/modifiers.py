@@ -21,9 +21,11 @@ import torch
 class AcceptsStepModifiers(Protocol):
     """An optimizer that applies a deferred gradient scale and skip flag inside its step."""
 
-    def defer_grad_scale(self, scale: torch.Tensor) -> None: ...
+    def defer_grad_scale(self, scale: torch.Tensor) -> None:
+        """Multiply the gradients by the 0-d device tensor ``scale`` in the next step."""
 
-    def defer_skip(self, flag: torch.Tensor) -> None: ...
+    def defer_skip(self, flag: torch.Tensor) -> None:
+        """Skip the next step when the 0-d device tensor ``flag`` is true."""
 
 
 @functools.cache

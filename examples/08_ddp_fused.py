@@ -62,6 +62,8 @@ def main() -> None:
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(SpiralNet(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=256))
+    if torch.distributed.is_initialized():  # Lightning leaves the group alive; end it before exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

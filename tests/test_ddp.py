@@ -117,10 +117,20 @@ def test_overlap_hook_matches_plain_ddp_with_accumulation_and_schedule(runs) -> 
 
 
 @pytest.fixture
-def no_launch_env(monkeypatch):
-    """Lightning's launcher exports MASTER_PORT, LOCAL_RANK...; keep them out of the test process."""
-    for key in h._LAUNCH_ENV:
-        monkeypatch.delenv(key, raising=False)
+def no_launch_env():
+    """Lightning's launcher exports MASTER_PORT, LOCAL_RANK...; keep them out of the test process.
+
+    Restored (or removed) after the test: a LOCAL_RANK left behind would make every later DDP fit
+    of this process, and every subprocess it starts, believe it was launched externally and wait for
+    ranks that never come.
+    """
+    saved = {key: os.environ.pop(key, None) for key in h._LAUNCH_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.mark.parametrize(("callbacks", "trainer_kwargs", "message"), [

@@ -37,7 +37,9 @@ class Run:
 
 def _run(script: str, workdir: Path) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+    launch = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")
+    env = {**{k: v for k, v in os.environ.items() if k not in launch},  # a leaked LOCAL_RANK would hang 08
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
            "OMP_NUM_THREADS": "1", "OPTKIT_EXAMPLES_OUT": str(workdir / "out"), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     # A new session, so that a timeout also ends the processes an example started (08's second rank).

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.validation import number, number_from_text
 
 _STEPS = re.compile(r"^(\d+)\s*(?:steps?)$", re.IGNORECASE)
 _EPOCHS = re.compile(r"^(\d+)\s*(?:ep|epochs?)$", re.IGNORECASE)
@@ -36,11 +37,9 @@ class Duration:
         return f"{self.amount * 100:g}%"
 
 
-def _number_from_text(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+def fraction_to_count(fraction: float, count: int) -> int:
+    """``fraction`` of ``count`` steps (or epochs), rounded half up to a whole number: the one rounding rule."""
+    return math.floor(fraction * count + 0.5)
 
 
 def parse_duration(value: Any, *, field: str) -> Duration:
@@ -59,16 +58,11 @@ def parse_duration(value: Any, *, field: str) -> Duration:
             if not 0.0 < pct <= 100.0:
                 raise SpecError(field, value, "give a percentage in (0, 100]", problem="is out of range")
             return Duration("fraction", pct / 100.0)
-        number = _number_from_text(text)
-        if number is None:
+        parsed = number_from_text(text)
+        if parsed is None:
             raise SpecError(field, value, f"give {_FORMS}", problem="is not a duration")
-        value = number
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(field, value, f"give {_FORMS}", problem="is not a duration")
-    if not math.isfinite(value) or value < 0:
-        raise SpecError(
-            field, value, f"give a non-negative finite duration: {_FORMS}", problem="is out of range"
-        )
+        value = parsed
+    number(field, value, non_negative=True, strings=False, fix=f"give a non-negative finite duration: {_FORMS}")
     if isinstance(value, int) or float(value).is_integer():
         if isinstance(value, float) and value == 1.0:
             raise SpecError(
@@ -103,7 +97,7 @@ def resolve_duration(value: Any, *, total_steps: int | None, steps_per_epoch: in
             "Trainer(max_steps=...) or a finite max_epochs",
             problem="is a fraction of training but the training length is unknown (infinite)",
         )
-    return math.floor(duration.amount * total_steps + 0.5)
+    return fraction_to_count(duration.amount, total_steps)
 
 
 def _finite_int(value: Any) -> int | None:

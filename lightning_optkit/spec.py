@@ -8,7 +8,6 @@ model (patterns that match nothing, overlaps, leftovers) is checked by :func:`li
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,61 +19,29 @@ import yaml
 
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.registry import check_optimizer_kwargs, optimizer_keywords, resolve_optimizer
+from lightning_optkit.validation import flag, number
 
 # A parameter selector: a glob on the qualified name, "re:<regex>", "type:<dotted.Module>", a module
 # class, a predicate (name, param) -> bool, a list of those (any matches), or a mapping
 # {"match": <selector>, "ndim": 2 or [..], "exclude": <selector>} (all conditions hold; YAML-friendly).
 Selector = str | type | Callable[[str, torch.nn.Parameter], bool] | Sequence[Any]
 
-
-def as_number(
-    field_name: str,
-    value: Any,
-    *,
-    positive: bool = False,
-    non_negative: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """Validate a numeric field; numbers written as strings (YAML's ``1e-3``) are accepted."""
-    if value is None and allow_none:
-        return None
-    number: float
-    if isinstance(value, bool) or value is None:
-        raise SpecError(field_name, value, "give a number, e.g. 1e-3", problem="is not a number")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise SpecError(field_name, value, "give a number, e.g. 1e-3 or 0.001",
-                            problem="is not a number") from None
-    elif isinstance(value, torch.Tensor) and value.numel() == 1:
-        raise SpecError(field_name, value, "give a Python number (a tensor lr is set by schedules, not the spec)",
-                        problem="is a tensor")
-    else:
-        raise SpecError(field_name, value, "give a number, e.g. 1e-3", problem="is not a number")
-    if not math.isfinite(number):
-        raise SpecError(field_name, value, "give a finite number", problem="is not finite")
-    if positive and number <= 0:
-        raise SpecError(field_name, value, "give a number > 0", problem="must be positive")
-    if non_negative and number < 0:
-        raise SpecError(field_name, value, "give a number >= 0 (0 disables it)", problem="must not be negative")
-    return number
+_WD_FIX = "give a number >= 0 (0 disables it)"
 
 
 def _coerce_kwarg(key: str, value: Any, default: Any) -> Any:
-    """Coerce a YAML-read optimizer keyword to the type its default has (strings to numbers, lists to tuples)."""
+    """Coerce a YAML-read optimizer keyword to the type its default has (strings to numbers, lists to tuples).
+
+    Other values pass through unchanged: the optimizer's own checks run on them in the dry run.
+    """
     if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise SpecError(key, value, "give true or false", problem="is not a boolean")
-        return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
-        return as_number(key, value)
+        return flag(key, value, fix="give true or false")
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        return number(key, value)
     if isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)
     if isinstance(value, tuple):
-        return tuple(as_number(f"{key}[{i}]", v) if isinstance(v, str) else v for i, v in enumerate(value))
+        return tuple(number(f"{key}[{i}]", v) if isinstance(v, str) else v for i, v in enumerate(value))
     return value
 
 
@@ -173,9 +140,10 @@ class ParamGroup:
                             "lr), not both", problem=f"conflicts with lr_scale={lr_scale!r}")
         self.params = params
         self.name = name
-        self.lr = as_number(f"{label}.lr", lr, positive=True, allow_none=True)
-        self.lr_scale = as_number(f"{label}.lr_scale", lr_scale, positive=True, allow_none=True)
-        self.weight_decay = as_number(f"{label}.weight_decay", weight_decay, non_negative=True, allow_none=True)
+        self.lr = number(f"{label}.lr", lr, positive=True, allow_none=True)
+        self.lr_scale = number(f"{label}.lr_scale", lr_scale, positive=True, allow_none=True)
+        self.weight_decay = number(f"{label}.weight_decay", weight_decay, non_negative=True, allow_none=True,
+                                   fix=_WD_FIX)
         self.options = dict(group_kwargs)
 
     @classmethod
@@ -359,8 +327,8 @@ class OptimizerSpec:
         self.optimizer_cls = resolve_optimizer(optimizer)
         self.optimizer = optimizer
         label = name or self.optimizer_cls.__name__
-        self.lr = as_number("lr", lr, positive=True)
-        self.weight_decay = as_number("weight_decay", weight_decay, non_negative=True)
+        self.lr = number("lr", lr, positive=True)
+        self.weight_decay = number("weight_decay", weight_decay, non_negative=True, fix=_WD_FIX)
         if params is not None:
             check_selector("params", params)
         self.params = params
@@ -530,11 +498,8 @@ def _check_layer_decay(layer_decay: Mapping[str, Any] | None) -> dict[str, Any] 
     if unknown:
         raise SpecError(f"layer_decay.{sorted(unknown)[0]}", layer_decay[sorted(unknown)[0]],
                         "layer_decay takes only 'rate' and 'depth'", problem="is not a layer_decay key")
-    rate = as_number("layer_decay.rate", layer_decay.get("rate"), positive=True)
-    assert rate is not None
-    if rate > 1:
-        raise SpecError("layer_decay.rate", rate, "give a rate in (0, 1]: deeper layers keep more of the lr",
-                        problem="is above 1")
+    rate = number("layer_decay.rate", layer_decay.get("rate"), positive=True, at_most=1.0,
+                  fix="give a rate in (0, 1]: deeper layers keep more of the lr")
     depth = layer_decay.get("depth")
     if not isinstance(depth, str) or not depth.startswith("re:"):
         raise SpecError("layer_decay.depth", depth, "give a regex with one capture group for the block index, "

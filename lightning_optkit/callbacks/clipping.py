@@ -23,6 +23,7 @@ from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.validation import number
 
 # clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
 __all__ = ["GradientClipping", "CLIP_ALGORITHMS", "clip_coefficient"]
@@ -64,16 +65,6 @@ def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x, norm_type)
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
-
-
-def _positive(field: str, value: Any, *, integer: bool = False, below_one: bool = False) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
-    if ok and below_one and not value < 1:
-        ok = False
-    if not ok:
-        what = "a number in (0, 1)" if below_one else "a positive number"
-        raise SpecError(field, value, f"pass {'a positive integer' if integer else what}")
 
 
 class GradientClipping(Callback):
@@ -145,13 +136,12 @@ class GradientClipping(Callback):
             raise SpecError("max_norm", max_norm, f"drop max_norm: algorithm={algorithm!r} does not use it"
                             + (" (set max_value)" if algorithm == "value" else " (set clip_factor)"),
                             problem=f"is not used by algorithm={algorithm!r}")
-        if max_norm is not None:
-            _positive("max_norm", max_norm)
+        max_norm = number("max_norm", max_norm, positive=True, allow_none=True, strings=False)
         if algorithm == "value":
             if max_value is None:
                 raise SpecError("max_value", None, "pass max_value=<positive float> for algorithm='value'",
                                 problem="is required for algorithm='value'")
-            _positive("max_value", max_value)
+            max_value = number("max_value", max_value, positive=True, strings=False)
         elif max_value is not None:
             raise SpecError("max_value", max_value, "drop max_value or use algorithm='value'",
                             problem=f"is not used by algorithm={algorithm!r}")
@@ -174,22 +164,18 @@ class GradientClipping(Callback):
             raise SpecError(unknown[0], algorithm_kwargs[unknown[0]], fix,
                             problem=f"is not an argument of algorithm={algorithm!r}")
         opts = {**allowed, **algorithm_kwargs}
-        for key in ("clip_factor", "eps", "z_thresh"):
+        checks = {"clip_factor": {}, "eps": {}, "z_thresh": {}, "warmup_steps": {"integer": True},
+                  "history": {"integer": True}, "alpha": {"below_one": True}, "quantile": {"below_one": True}}
+        for key, extra in checks.items():
             if key in opts:
-                _positive(key, opts[key])
-        for key in ("warmup_steps", "history"):
-            if key in opts:
-                _positive(key, opts[key], integer=True)
-        for key in ("alpha", "quantile"):
-            if key in opts:
-                _positive(key, opts[key], below_one=True)
+                opts[key] = number(key, opts[key], positive=True, strings=False, **extra)
         if algorithm == "quantile" and opts["warmup_steps"] > opts["history"]:
             raise SpecError("warmup_steps", opts["warmup_steps"],
                             f"use warmup_steps <= history={opts['history']}")
 
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.max_norm = max_norm
         self.algorithm = algorithm
-        self.max_value = None if max_value is None else float(max_value)
+        self.max_value = max_value
         self.per = per
         self.exclude = tuple(exclude)
         self.options = opts

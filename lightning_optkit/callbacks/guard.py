@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +25,7 @@ from lightning_optkit.callbacks._step_context import (
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
 
@@ -112,20 +112,15 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, skip_on_spike: float | None = None, max_consecutive_skips: int = 20, *,
                  spike_warmup: int = 25, spike_alpha: float = 0.97, norm_type: float = 2.0) -> None:
-        if skip_on_spike is not None and not (
-            isinstance(skip_on_spike, (int, float)) and not isinstance(skip_on_spike, bool)
-            and skip_on_spike > 0 and math.isfinite(skip_on_spike)
-        ):
-            raise SpecError("skip_on_spike", skip_on_spike, "pass a positive number of standard "
-                            "deviations (e.g. 6.0), or None to skip only NaN/inf")
-        if not (isinstance(max_consecutive_skips, int) and not isinstance(max_consecutive_skips, bool)
-                and max_consecutive_skips >= 2):
-            raise SpecError("max_consecutive_skips", max_consecutive_skips, "pass an integer >= 2 (one bad "
-                            "batch is always skipped, never fatal)")
-        if not (isinstance(spike_warmup, int) and not isinstance(spike_warmup, bool) and spike_warmup >= 1):
-            raise SpecError("spike_warmup", spike_warmup, "pass an integer >= 1")
-        if not (isinstance(spike_alpha, (int, float)) and 0 < spike_alpha < 1):
-            raise SpecError("spike_alpha", spike_alpha, "pass an EMA decay in (0, 1), e.g. 0.97")
+        skip_on_spike = number("skip_on_spike", skip_on_spike, positive=True, allow_none=True, strings=False,
+                               fix="pass a positive number of standard deviations (e.g. 6.0), or None to skip "
+                               "only NaN/inf")
+        max_consecutive_skips = number("max_consecutive_skips", max_consecutive_skips, integer=True, at_least=2,
+                                       strings=False, fix="pass an integer >= 2 (one bad batch is always skipped, "
+                                       "never fatal)")
+        spike_warmup = number("spike_warmup", spike_warmup, integer=True, at_least=1, strings=False)
+        spike_alpha = number("spike_alpha", spike_alpha, positive=True, below_one=True, strings=False,
+                             fix="pass an EMA decay in (0, 1), e.g. 0.97")
         if skip_on_spike is None and (spike_warmup != 25 or spike_alpha != 0.97):
             raise SpecError("skip_on_spike", None, "set skip_on_spike=<k> to use spike_warmup/spike_alpha, "
                             "or drop them", problem="is required when spike_warmup or spike_alpha is set")
@@ -133,10 +128,10 @@ class NonFiniteGuard(Callback):
             self.norm_type = check_norm_type(norm_type)
         except (TypeError, ValueError):
             raise SpecError("norm_type", norm_type, "pass a positive p (e.g. 2.0) or float('inf')") from None
-        self.skip_on_spike = None if skip_on_spike is None else float(skip_on_spike)
+        self.skip_on_spike = skip_on_spike
         self.max_consecutive_skips = max_consecutive_skips
         self.spike_warmup = spike_warmup
-        self.spike_alpha = float(spike_alpha)
+        self.spike_alpha = spike_alpha
         self.last_skip: torch.Tensor | None = None
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []

@@ -21,6 +21,7 @@ from lightning_optkit.callbacks._step_context import (
 )
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
 
@@ -205,18 +206,12 @@ class OptimizerMonitor(Callback):
         momentum: bool = True,
         histograms: bool = False,
     ) -> None:
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise SpecError("every_n_steps", every_n_steps,
-                            "pass an integer >= 1, or None to follow Trainer(log_every_n_steps)",
-                            problem="must be a positive integer or None")
-        if isinstance(layer_depth, bool) or not isinstance(layer_depth, int) or layer_depth < 1:
-            raise SpecError("layer_depth", layer_depth, "pass an integer >= 1 (1 groups by top-level module)",
-                            problem="must be a positive integer")
-        for flag_name, flag in (("per_layer", per_layer), ("momentum", momentum), ("histograms", histograms)):
-            if not isinstance(flag, bool):
-                raise SpecError(flag_name, flag, "pass True or False", problem="must be a bool")
+        every_n_steps = number("every_n_steps", every_n_steps, integer=True, at_least=1, allow_none=True,
+                               strings=False, fix="pass an integer >= 1, or None to follow Trainer(log_every_n_steps)")
+        layer_depth = number("layer_depth", layer_depth, integer=True, at_least=1, strings=False,
+                             fix="pass an integer >= 1 (1 groups by top-level module)")
+        for flag_name, value in (("per_layer", per_layer), ("momentum", momentum), ("histograms", histograms)):
+            flag(flag_name, value)
         self.norms = _validated_norms(norms)
         if histograms and not (per_layer and "grad" in self.norms):
             raise SpecError("histograms", histograms,

@@ -29,7 +29,6 @@ read after the update); manual optimization; several optimizers; other optimizer
 ``find_unused_parameters=True``; fp16 with a GradScaler (its inf check needs all gradients).
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_optkit.errors import SpecError
 from lightning_optkit.kernels.functional import adamw_step
 from lightning_optkit.norms import clip_coefficient
+from lightning_optkit.validation import flag, number
 
 __all__ = ["OverlapDDPStrategy", "OverlapState", "overlap_hook"]
 
@@ -66,19 +66,13 @@ class OverlapState:
 
     def __init__(self, *, max_norm: float | None = None, clip_per: str = "bucket", skip_non_finite: bool = True,
                  process_group: Any = None) -> None:
-        if max_norm is not None and not (
-            isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool)
-            and math.isfinite(max_norm) and max_norm > 0
-        ):
-            raise SpecError("max_norm", max_norm, "pass a positive number, or None to not clip",
-                            problem="is not a positive finite number")
+        max_norm = number("max_norm", max_norm, positive=True, allow_none=True, strings=False,
+                          fix="pass a positive number, or None to not clip")
         if clip_per not in _CLIP_PER:
             raise SpecError("clip_per", clip_per, f"use one of {list(_CLIP_PER)}", problem="is not a clipping unit")
-        if not isinstance(skip_non_finite, bool):
-            raise SpecError("skip_non_finite", skip_non_finite, "pass True or False", problem="is not a bool")
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.skip_non_finite = flag("skip_non_finite", skip_non_finite)
+        self.max_norm = max_norm
         self.clip_per = clip_per
-        self.skip_non_finite = skip_non_finite
         self.process_group = process_group
         self.optimizer: Any = None
         self.armed = False  # True while Lightning runs the closure of an optimizer step

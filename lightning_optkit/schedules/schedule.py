@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-from lightning_optkit.durations import parse_duration, resolve_duration, trainer_totals
+from lightning_optkit.durations import fraction_to_count, parse_duration, resolve_duration, trainer_totals
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.schedules.curve import Curve
 from lightning_optkit.schedules.plateau import MetricReader, Plateau
 from lightning_optkit.schedules.scheduler import KitLRScheduler
 from lightning_optkit.schedules.shapes import ScheduleKind, get_schedule_kind
+from lightning_optkit.validation import flag, number
 
 _FIELDS = ("warmup", "total", "warmup_start_factor", "min_lr_ratio", "interval")
 _DEFAULTS: dict[str, Any] = {
@@ -23,22 +24,6 @@ _DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.0,
     "interval": "step",
 }
-
-
-def _number(field: str, value: Any, *, integer: bool = False) -> float | int:
-    """A number from a number or a numeric string (YAML reads '1e-3' as text)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise SpecError(field, value, "give a number", problem="is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(field, value, "give a finite number", problem="is not a number")
-    if integer:
-        if not float(value).is_integer():
-            raise SpecError(field, value, "give a whole number", problem="is not an integer")
-        return int(value)
-    return float(value)
 
 
 def _coerce_kwarg(kind: ScheduleKind, key: str, value: Any) -> Any:
@@ -55,14 +40,18 @@ def _coerce_kwarg(kind: ScheduleKind, key: str, value: Any) -> Any:
             parse_duration(value, field=f"schedule.{key}")
         return value
     if isinstance(default, bool) or annotation == "bool":
-        if not isinstance(value, bool):
-            raise SpecError(f"schedule.{key}", value, "give true or false", problem="is not a bool")
-        return value
+        return flag(f"schedule.{key}", value, fix="give true or false")
     if isinstance(default, int) or annotation == "int":
-        return _number(f"schedule.{key}", value, integer=True)
+        return number(f"schedule.{key}", value, integer=True)
     if isinstance(default, float) or annotation == "float":
-        return _number(f"schedule.{key}", value)
+        return number(f"schedule.{key}", value)
     return value
+
+
+def _ratio(field: str, value: Any) -> float:
+    """A ratio of each group's lr in [0, 1] (warmup_start_factor, min_lr_ratio)."""
+    return number(f"schedule.{field}", value, at_least=0.0, at_most=1.0,
+                  fix="give a ratio in [0, 1] of each group's lr")
 
 
 class Schedule:
@@ -95,8 +84,8 @@ class Schedule:
         parse_duration(total, field="schedule.total")
         self.warmup = warmup
         self.total = total
-        self.warmup_start_factor = self._ratio("warmup_start_factor", warmup_start_factor)
-        self.min_lr_ratio = self._ratio("min_lr_ratio", min_lr_ratio)
+        self.warmup_start_factor = _ratio("warmup_start_factor", warmup_start_factor)
+        self.min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
         if interval not in ("step", "epoch"):
             raise SpecError(
                 "schedule.interval",
@@ -121,18 +110,6 @@ class Schedule:
             parse_duration(self.warmup, field="schedule.warmup"),
             parse_duration(self.total, field="schedule.total"),
         )
-
-    @staticmethod
-    def _ratio(field: str, value: Any) -> float:
-        number = _number(f"schedule.{field}", value)
-        if not 0.0 <= number <= 1.0:
-            raise SpecError(
-                f"schedule.{field}",
-                value,
-                "give a ratio in [0, 1] of each group's lr",
-                problem="is out of range",
-            )
-        return number
 
     def _check_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         kind = self.kind
@@ -223,7 +200,7 @@ class Schedule:
         def to_ticks(value: Any, field: str) -> int:
             duration = parse_duration(value, field=field)
             if duration.unit == "fraction" and ticks is not None:
-                return math.floor(duration.amount * ticks + 0.5)
+                return fraction_to_count(duration.amount, ticks)
             if tick > 1 and duration.unit == "steps" and not isinstance(value, str):
                 return int(duration.amount)  # bare ints count epochs
             steps = resolve_duration(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.validation import flag, number
 
 Shape = Callable[..., float]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,10 +152,11 @@ def schedule_names() -> list[str]:
 # ---- keyword checks for the built-in shapes (called with raw and with resolved keywords) -----------
 
 
-def _require(kwargs: dict[str, Any], key: str, ok: Callable[[Any], bool], fix: str) -> None:
+def _require(kwargs: dict[str, Any], key: str, fix: str, **bounds: Any) -> None:
+    """Range-check ``kwargs[key]`` when it is a number (durations such as '2ep' are checked elsewhere)."""
     value = kwargs.get(key)
-    if key in kwargs and isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-        raise SpecError(f"schedule.{key}", value, fix, problem="is out of range")
+    if key in kwargs and isinstance(value, (int, float)) and not isinstance(value, bool):
+        number(f"schedule.{key}", value, fix=fix, **bounds)
 
 
 def _choose(kwargs: dict[str, Any], key: str, choices: Sequence[str]) -> None:
@@ -165,8 +167,8 @@ def _choose(kwargs: dict[str, Any], key: str, choices: Sequence[str]) -> None:
 
 
 def _positive_gamma(kwargs: dict[str, Any]) -> None:
-    _require(kwargs, "gamma", lambda v: v > 0, "give gamma > 0 (e.g. 0.1)")
-    _require(kwargs, "step_size", lambda v: v >= 1, "give step_size >= 1 step")
+    _require(kwargs, "gamma", "give gamma > 0 (e.g. 0.1)", positive=True)
+    _require(kwargs, "step_size", "give step_size >= 1 step", at_least=1)
     milestones = kwargs.get("milestones")
     if "milestones" in kwargs and (
         isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence)
@@ -191,16 +193,14 @@ def _positive_gamma(kwargs: dict[str, Any]) -> None:
 
 
 def _check_restarts(kwargs: dict[str, Any]) -> None:
-    _require(kwargs, "period", lambda v: v >= 1, "give period >= 1 step")
-    _require(
-        kwargs, "period_mult", lambda v: v >= 1 and float(v).is_integer(), "give an integer period_mult >= 1"
-    )
+    _require(kwargs, "period", "give period >= 1 step", at_least=1)
+    _require(kwargs, "period_mult", "give an integer period_mult >= 1", at_least=1, integer=True)
 
 
 def _check_onecycle(kwargs: dict[str, Any]) -> None:
-    _require(kwargs, "pct_start", lambda v: 0 < v < 1, "give pct_start in (0, 1), e.g. 0.3")
-    _require(kwargs, "div_factor", lambda v: v > 0, "give div_factor > 0")
-    _require(kwargs, "final_div_factor", lambda v: v > 0, "give final_div_factor > 0")
+    _require(kwargs, "pct_start", "give pct_start in (0, 1), e.g. 0.3", positive=True, below_one=True)
+    _require(kwargs, "div_factor", "give div_factor > 0", positive=True)
+    _require(kwargs, "final_div_factor", "give final_div_factor > 0", positive=True)
     _choose(kwargs, "anneal_strategy", ("cos", "linear"))
 
 
@@ -215,12 +215,11 @@ def _check_plateau(kwargs: dict[str, Any]) -> None:
         )
     _choose(kwargs, "mode", ("min", "max"))
     _choose(kwargs, "threshold_mode", ("rel", "abs"))
-    _require(kwargs, "factor", lambda v: 0 < v < 1, "give factor in (0, 1), e.g. 0.1")
-    _require(kwargs, "patience", lambda v: v >= 0 and float(v).is_integer(), "give an integer patience >= 0")
-    _require(kwargs, "cooldown", lambda v: v >= 0 and float(v).is_integer(), "give an integer cooldown >= 0")
-    _require(kwargs, "threshold", lambda v: v >= 0, "give threshold >= 0")
-    if not isinstance(kwargs.get("strict", True), bool):
-        raise SpecError("schedule.strict", kwargs["strict"], "give true or false", problem="is not a bool")
+    _require(kwargs, "factor", "give factor in (0, 1), e.g. 0.1", positive=True, below_one=True)
+    _require(kwargs, "patience", "give an integer patience >= 0", non_negative=True, integer=True)
+    _require(kwargs, "cooldown", "give an integer cooldown >= 0", non_negative=True, integer=True)
+    _require(kwargs, "threshold", "give threshold >= 0", non_negative=True)
+    flag("schedule.strict", kwargs.get("strict", True), fix="give true or false")
 
 
 # ---- built-in shapes ------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def cosine_restarts(step: int, decay_steps: int, *, period: int | None = None, p
     return 0.5 * (1.0 + math.cos(math.pi * position / length))
 
 
-@register_schedule("polynomial", validate=lambda kw: _require(kw, "power", lambda v: v > 0, "give power > 0"))
+@register_schedule("polynomial", validate=lambda kw: _require(kw, "power", "give power > 0", positive=True))
 def polynomial(step: int, decay_steps: int, *, power: float = 1.0) -> float:
     """``(1 - progress) ** power`` (torch PolynomialLR)."""
     return (1.0 - _progress(step, decay_steps)) ** power
@@ -305,7 +304,7 @@ def multistep(
 @register_schedule(
     "inverse_time",
     needs_total=False,
-    validate=lambda kw: _require(kw, "lr_decay", lambda v: v >= 0, "give lr_decay >= 0"),
+    validate=lambda kw: _require(kw, "lr_decay", "give lr_decay >= 0", non_negative=True),
 )
 def inverse_time(step: int, decay_steps: int | None, *, lr_decay: float) -> float:
     """``1 / (1 + lr_decay * step)``: Adagrad's ``lr_decay`` for any optimizer."""

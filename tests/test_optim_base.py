@@ -76,7 +76,7 @@ def test_registered_under_its_name(name: str, cls: type) -> None:
         (LAMB, dict(max_trust_ratio=0.0), "max_trust_ratio"),
         (Adan, dict(betas=(0.9, 0.9)), "betas"),
         (Adan, dict(betas=(-0.1, 0.9, 0.9)), "betas[0]"),
-        (ScheduleFreeAdamW, dict(betas=(0.0, 0.999)), "betas"),
+        (ScheduleFreeAdamW, dict(betas=(0.0, 0.999)), "betas[0]"),  # beta1 = 0 names the item
         (ScheduleFreeAdamW, dict(warmup_steps=2.5), "warmup_steps"),
     ],
 )

@@ -43,45 +43,36 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.optim.modifiers import StepModifiers
 
 Validator = Callable[[str, Any], None]
 
 
-def _is_real_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def non_negative(name: str, value: Any) -> None:
     """Check that ``value`` is a finite number >= 0 (learning rates, eps, weight decay)."""
-    if not (_is_real_number(value) and value >= 0):
-        raise SpecError(name, value, f"pass a finite number >= 0 for {name}", problem="must be a finite number >= 0")
+    validation.number(name, value, non_negative=True, strings=False)
 
 
 def beta(name: str, value: Any) -> None:
     """Check that ``value`` is a number in [0, 1) (an EMA coefficient)."""
-    if not (_is_real_number(value) and 0.0 <= value < 1.0):
-        raise SpecError(name, value, f"pass {name} in [0, 1), e.g. 0.9", problem="is outside [0, 1)")
+    validation.number(name, value, non_negative=True, below_one=True, strings=False,
+                      fix=f"pass {name} in [0, 1), e.g. 0.9")
 
 
 def betas(count: int) -> Validator:
     """A check that ``value`` is a tuple of ``count`` numbers, each in [0, 1)."""
 
     def check(name: str, value: Any) -> None:
-        if not (isinstance(value, (tuple, list)) and len(value) == count):
-            raise SpecError(name, value, f"pass a tuple of {count} numbers in [0, 1)",
-                            problem=f"is not a sequence of {count} numbers")
-        for i, item in enumerate(value):
-            beta(f"{name}[{i}]", item)
+        validation.numbers(name, value, count, non_negative=True, below_one=True, strings=False)
 
     return check
 
 
 def flag(name: str, value: Any) -> None:
     """Check that ``value`` is True, False or None."""
-    if value is not None and not isinstance(value, bool):
-        raise SpecError(name, value, f"pass True, False or None for {name}", problem="is not a bool")
+    validation.flag(name, value, allow_none=True)
 
 
 def _load_fused_kernel(name: str) -> Callable[..., None] | None:

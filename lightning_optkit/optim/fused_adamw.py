@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.kernels.dispatch import (
     PathLogger,
@@ -58,11 +59,8 @@ def _check_number(field: str, value: Any, low: float, high: float = math.inf, *,
         if value.numel() != 1:
             raise SpecError(field, value, "pass a float or a one-element tensor", problem="is not a scalar")
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and value >= low and (value < high if open_high else value <= high)
-    if not ok:
-        bound = f"[{low}, {high})" if open_high else f">= {low}"
-        raise SpecError(field, value, f"use a finite number {bound}", problem="is out of range")
+    validation.number(field, value, at_least=low, below_one=open_high and high == 1.0, strings=False,
+                      at_most=None if open_high or math.isinf(high) else high)
 
 
 @register_optimizer("fused_adamw")
@@ -121,10 +119,8 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         _check_number("eps", eps, 0.0)
         _check_number("weight_decay", weight_decay, 0.0)
         if max_grad_norm is not None:
-            ok = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-            if not (ok and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-                raise SpecError("max_grad_norm", max_grad_norm, "use a positive number, or None to disable "
-                                "clipping", problem="is not a positive finite number")
+            validation.number("max_grad_norm", max_grad_norm, positive=True, strings=False,
+                              fix="use a positive number, or None to disable in-step clipping")
         self.backend = check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, **_TORCH_ONLY_KEYS)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optkit.errors import SpecError
+from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
 from lightning_optkit.registry import register_optimizer
 
@@ -40,9 +40,8 @@ class LAMB(KitOptimizer):
         max_trust_ratio: float = 10.0,
         foreach: bool | None = None,
     ) -> None:
-        if not (isinstance(max_trust_ratio, (int, float)) and max_trust_ratio > 0):
-            raise SpecError("max_trust_ratio", max_trust_ratio, "pass a number > 0 (10.0 is common)",
-                            problem="must be a number > 0")
+        validation.number("max_trust_ratio", max_trust_ratio, positive=True, strings=False,
+                          fix="pass a number > 0 (10.0 is common)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          max_trust_ratio=max_trust_ratio, foreach=foreach)
 

@@ -8,23 +8,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optkit.errors import SpecError
+from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative
 from lightning_optkit.registry import register_optimizer
 
 
 def _schedule_free_betas(name: str, value: Any) -> None:
-    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) for b in value
-    )
-    if not ok or not (0.0 < value[0] < 1.0 and 0.0 <= value[1] < 1.0):
-        raise SpecError(name, value, "pass (beta1, beta2) with 0 < beta1 < 1 and 0 <= beta2 < 1, e.g. (0.9, 0.999)",
-                        problem="is invalid (beta1 = 0 would make the averaged point x unrecoverable)")
+    # beta1 = 0 would make the averaged point x unrecoverable from y and z.
+    validation.numbers(name, value, 2, non_negative=True, below_one=True, strings=False)
+    validation.number(f"{name}[0]", value[0], positive=True, below_one=True, strings=False,
+                      fix="pass (beta1, beta2) with 0 < beta1 < 1 and 0 <= beta2 < 1, e.g. (0.9, 0.999)")
 
 
 def _non_negative_int(name: str, value: Any) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        raise SpecError(name, value, f"pass an integer >= 0 for {name}", problem="must be an integer >= 0")
+    validation.number(name, value, integer=True, non_negative=True, strings=False)
 
 
 @register_optimizer("schedulefree_adamw")

@@ -7,8 +7,8 @@ one ``optimizer.step()``, after warm-up, with the two paths interleaved so machi
 
 A second table measures the guarded step: a skip flag deferred before every step (false, as
 NonFiniteGuard hands over on a healthy step), on the foreach path and, where the optimizer has a fused
-kernel, with ``fused=True`` (the kernel applies the skip inside its one pass), against the plain foreach
-step of the same optimizer in the same run.
+kernel, with ``fused=True`` (the kernel applies the skip inside its one pass), plus the unguarded fused
+step, each against the plain foreach step of the same optimizer in the same run.
 
 Usage: python benchmarks/bench_foreach.py [--params 200] [--repeats 40] [--threads 1]
 """
@@ -76,16 +76,18 @@ GUARDED: list[tuple[str, Callable[..., torch.optim.Optimizer], dict]] = [
 
 
 def guarded_table(shapes: list[tuple[int, ...]], gen: torch.Generator, repeats: int, warmup: int) -> None:
-    """Plain foreach step vs guarded foreach step vs guarded fused step, same optimizer, interleaved."""
-    header = (f"{'optimizer':<20} {'foreach ms':>11} {'+guard ms':>10} {'guard/plain':>12} "
-              f"{'fused+guard ms':>15} {'fused+guard/plain':>18}")
-    print("\nGuarded step (a deferred skip flag every step, as NonFiniteGuard)")
+    """Foreach vs fused step, each plain and guarded, same optimizer, interleaved; ratios vs plain foreach."""
+    columns = [("plain", "foreach"), ("guard", "+guard"), ("fused", "fused"), ("fused_guard", "fused+guard")]
+    header = f"{'optimizer':<20}" + "".join(f" {label + ' ms':>15}" for _, label in columns)
+    header += "".join(f" {label + '/foreach':>19}" for _, label in columns[1:]) + f" {'fused+guard/+guard':>19}"
+    print("\nGuarded step (a deferred skip flag every step, as NonFiniteGuard), foreach vs fused kernel")
     print(header)
     print("-" * len(header))
     for name, cls, kwargs in GUARDED:
         variants = {"plain": (dict(foreach=True), time_steps), "guard": (dict(foreach=True), time_guarded_step)}
         if cls.fused_kernel is not None:
-            variants["fused"] = (dict(fused=True), time_guarded_step)
+            variants["fused"] = (dict(fused=True), time_steps)
+            variants["fused_guard"] = (dict(fused=True), time_guarded_step)
         runs = {}
         for key, (extra, timer) in variants.items():
             params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
@@ -100,9 +102,12 @@ def guarded_table(shapes: list[tuple[int, ...]], gen: torch.Generator, repeats: 
             for key, (optimizer, timer) in runs.items():
                 times[key].append(timer(optimizer))
         ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
-        fused = f"{ms['fused']:15.2f} {ms['fused'] / ms['plain']:17.2f}x" if "fused" in ms else f"{'-':>15} {'-':>18}"
-        print(f"{name:<20} {ms['plain']:11.2f} {ms['guard']:10.2f} {ms['guard'] / ms['plain']:11.2f}x {fused}")
-    print("guard/plain: guarded foreach step time / plain foreach step time (same optimizer, same run).")
+        row = f"{name:<20}" + "".join(f" {ms[key]:15.2f}" if key in ms else f" {'-':>15}" for key, _ in columns)
+        row += "".join(f" {ms[key] / ms['plain']:18.2f}x" if key in ms else f" {'-':>19}" for key, _ in columns[1:])
+        row += f" {ms['fused_guard'] / ms['guard']:18.2f}x" if "fused_guard" in ms else f" {'-':>19}"
+        print(row)
+    print("x/foreach: step time / plain foreach step time (same optimizer, same run); < 1 is faster.")
+    print("fused+guard/+guard: guarded fused step / guarded foreach step, the choice a guarded run makes.")
 
 
 def main() -> None:
@@ -111,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--guarded-only", action="store_true", help="print only the guarded-step table")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 64, 128],
                         help="layer widths to draw weight shapes from (default: a small-model mix)")
     args = parser.parse_args()
@@ -123,6 +129,9 @@ def main() -> None:
           f"{args.threads} thread(s), "
           f"median of {args.repeats} steps after {args.warmup} warm-up steps\n")
 
+    if args.guarded_only:
+        guarded_table(shapes, gen, args.repeats, args.warmup)
+        return
     rows = []
     for name, factory in CASES:
         runs = {}

@@ -1,7 +1,7 @@
 """Functional multi-tensor update steps: group tensors by (device, dtype) and run one kernel per group.
 
 Every step takes ``grad_scale`` (a 0-d tensor multiplying every gradient, e.g. a clip coefficient) and
-``skip`` (a 0-d tensor, true/nonzero means leave every tensor and counter untouched) as device tensors,
+``skip`` (a 0-d tensor, any nonzero value means leave every tensor and counter untouched) as device tensors,
 so nothing here syncs with the host. On the torch backend a ``grad_scale`` is also written back into
 the fp32 gradients (torch's fused kernels do that, as ``clip_grad_norm_`` would); the Triton kernels
 leave gradients as they are. ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"``; see
@@ -37,6 +37,11 @@ def _check_lengths(lists: Lists, names: Sequence[str]) -> None:
     for tensors, name in zip(lists, names):
         if len(tensors) != n:
             raise ValueError(f"{name} has {len(tensors)} tensors but params has {n}; pass one per parameter")
+
+
+def _truth(skip: torch.Tensor | None) -> torch.Tensor | None:
+    """``skip`` as a 0-d bool tensor on its device: any nonzero value (2, 0.5, NaN) skips, on every backend."""
+    return None if skip is None else skip.detach().reshape(()).ne(0)
 
 
 def _all_contiguous(lists: Lists) -> bool:
@@ -77,6 +82,7 @@ def adamw_step(
     """
     if not params:
         return
+    skip = _truth(skip)
     lists: list[Sequence[torch.Tensor]] = [params, grads, exp_avgs, exp_avg_sqs, steps]
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "steps"]
     if amsgrad:
@@ -115,6 +121,7 @@ def sgd_momentum_step(
     """
     if not params:
         return
+    skip = _truth(skip)
     lists: list[Sequence[torch.Tensor]] = [params, grads] + ([bufs] if momentum != 0.0 else [])
     _check_lengths(lists, ["params", "grads", "bufs"])
     if nesterov and momentum <= 0.0:
@@ -146,6 +153,7 @@ def lion_step(
     if not params:
         return
     _check_lengths([params, grads, exp_avgs], ["params", "grads", "exp_avgs"])
+    skip = _truth(skip)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
               grad_scale=grad_scale, skip=skip)
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optkit import OptimizerMixin, OptimizerSpec, SpecError, build_optimizers, register_optimizer
+from lightning_optkit import OptimizerMixin, OptimizerSpec, SpecError, register_optimizer
 from lightning_optkit.demo import spirals
 from lightning_optkit.optim import KitOptimizer
 from lightning_optkit.optim.base import beta, non_negative
@@ -75,10 +75,10 @@ def fit(spec: OptimizerSpec) -> tuple[SpiralNet, L.Trainer]:
 
 
 def main() -> None:
-    # Keywords are checked against the class's signature, values by its validators.
+    # The spec checks keywords against the class's signature, and values with its validators.
     for bad in ({"betas": (0.9, 0.99)}, {"momentum": 1.5}):
         try:
-            build_optimizers(SpiralNet(None), OptimizerSpec("tutorial_sgd", lr=0.05, **bad))
+            OptimizerSpec("tutorial_sgd", lr=0.05, **bad)
         except SpecError as err:
             print(f"SpecError: {err}")
 

@@ -16,6 +16,7 @@ class SpecError(ValueError):
         self.field = field
         self.value = value
         self.fix = fix
+        self.problem = problem
         what = problem or "is invalid"
         super().__init__(f"{field}={value!r} {what}. Fix: {fix}")
 

@@ -354,6 +354,7 @@ def plan(module: nn.Module, spec: Any) -> Plan:
         specs, field = [spec], "spec"
     labels = optimizer_labels(specs)
     assigned = _assign_to_specs(module, specs, field, owner_of)
+    order = {n: i for i, (n, _) in enumerate(module.named_parameters())}
     result = Plan()
     result.optimizers = []
     for s, label, params in zip(specs, labels, assigned):
@@ -362,6 +363,7 @@ def plan(module: nn.Module, spec: Any) -> Plan:
         for g in op.groups:
             for n, p in zip(g.names, g.params):
                 result.append(PlanRow(n, label, g.name, g.lr, g.weight_decay, tuple(p.shape), p.numel()))
+    result.sort(key=lambda row: order[row.param])  # rows in model order
     return result
 
 

@@ -35,7 +35,7 @@ _KEYWORD_HINTS: dict[str, str] = {
     "Schedule('inverse_time', lr_decay=...)",
     "momentum": "momentum exists on 'sgd', 'rmsprop' and 'momentum_sgd'; Adam-style optimizers take "
     "betas=(beta1, beta2) instead",
-    "betas": "betas belong to Adam-style optimizers ('adam', 'adamw', 'lion', ...); SGD takes momentum=",
+    "betas": "betas belong to Adam-style optimizers ('adam', 'adamw', 'lion', ...)",
     "nesterov": "nesterov exists on 'sgd' and 'momentum_sgd'; 'nadam' is Adam with Nesterov momentum",
     "amsgrad": "amsgrad exists on 'adam' and 'adamw'",
     "decoupled_weight_decay": "use optimizer='adamw' for decoupled weight decay",

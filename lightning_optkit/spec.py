@@ -477,6 +477,10 @@ def _dry_run(cls: type, kwargs: dict[str, Any], where: str) -> dict[str, Any] | 
     probe = torch.nn.Parameter(torch.zeros(2, 2))
     try:
         return dict(cls([probe], **kwargs).defaults)
+    except SpecError as err:  # a kit optimizer's own check: keep its field, problem and fix
+        field_name = f"{where}.{err.field}" if where else err.field
+        problem = f"{err.problem or 'is invalid'} (checked by {cls.__name__})"
+        raise SpecError(field_name, err.value, err.fix, problem=problem) from None
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
         message = str(err)
         if any(word in message.lower() for word in ("cuda", "cpu", "device")):

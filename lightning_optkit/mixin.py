@@ -61,6 +61,8 @@ class OptimizerMixin:
 
     def configure_optimizers(self) -> Any:
         """Build the optimizers and schedulers from the spec (see :func:`lightning_optkit.build_optimizers`)."""
+        # `self.trainer` raises outside a fit; the private attribute lets configure_optimizers also be
+        # called on a bare module (then durations must be given in steps).
         trainer = getattr(self, "_trainer", None)
         result = build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
         if isinstance(result, list):

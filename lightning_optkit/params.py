@@ -206,12 +206,33 @@ def layer_depths(names: Sequence[str], rule: dict[str, Any]) -> tuple[dict[str, 
     return depths, max_depth
 
 
-def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
-                     owner_of: dict[str, nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+def _candidates(module: nn.Module, specs: list[OptimizerSpec], field: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameters to plan: the trainable ones, or every one when the specs say ``frozen="include"``."""
+    modes = [s.frozen for s in specs]
+    if len(set(modes)) > 1:
+        i = modes.index("include" if modes[0] == "skip" else "skip")
+        raise SpecError(f"{field}[{i}].frozen", modes[i], f"set frozen={modes[0]!r} on every optimizer: the "
+                        "overlap and leftover rules need one set of parameters", problem=f"differs from "
+                        f"{field}[0].frozen={modes[0]!r}")
+    if modes[0] == "include":
+        params = list(module.named_parameters())
+        if not params:
+            raise SpecError("params", None, "give the model parameters", problem="the model has no parameter")
+        return params
     params = trainable(module)
     if not params:
-        raise SpecError("params", None, "unfreeze some parameters (requires_grad=True)",
-                        problem="no trainable parameter in the model")
+        raise SpecError("params", None, "unfreeze some parameters (requires_grad=True), or set frozen='include' "
+                        "to plan the frozen ones", problem="no trainable parameter in the model")
+    return params
+
+
+def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
+                     owner_of: dict[str, nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+    params = _candidates(module, specs, field)
+    include = specs[0].frozen == "include"
+    which = "parameter" if include else "trainable parameter"
+    planned = "planned (frozen='include')" if include else "trainable"
+    escape = "set frozen='skip'" if include else "freeze them (requires_grad=False)"
     if len(specs) == 1:
         spec = specs[0]
         if spec.params is None:
@@ -219,13 +240,13 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         picked = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
         if not picked:
             raise SpecError(f"{field}.params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem="matches no trainable parameter")
+                            "(`optkit plan`)", problem=f"matches no {which}")
         taken_ids = {id(p) for _, p in picked}
         rest = [n for n, p in params if id(p) not in taken_ids]
         if rest:
-            raise SpecError("params", _names(rest), "drop params= to optimize every trainable parameter, add them "
-                            "to the pattern, or freeze them (requires_grad=False)",
-                            problem=f"are trainable but outside params={_describe(spec.params)!r}, so no optimizer "
+            raise SpecError("params", _names(rest), f"drop params= to optimize every {which}, add them to the "
+                            f"pattern, or {escape}",
+                            problem=f"are {planned} but outside params={_describe(spec.params)!r}, so no optimizer "
                             "would update them")
         return [picked]
     catch_all = [i for i, s in enumerate(specs) if s.params is None]
@@ -240,7 +261,7 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         hits = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
         if not hits:
             raise SpecError(f"{field}[{i}].params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem="matches no trainable parameter")
+                            "(`optkit plan`)", problem=f"matches no {which}")
         overlap = [n for n, _ in hits if n in taken]
         if overlap:
             other = taken[overlap[0]]
@@ -259,8 +280,8 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         picked_by[catch_all[0]] = rest
     elif rest:
         raise SpecError("params", _names(n for n, _ in rest), "add them to an optimizer's params, leave "
-                        "one optimizer's params unset to take the rest, or freeze them (requires_grad=False)",
-                        problem="are trainable parameters that no optimizer takes")
+                        f"one optimizer's params unset to take the rest, or {escape}",
+                        problem=f"are {planned} parameters that no optimizer takes")
     return picked_by
 
 
@@ -341,6 +362,8 @@ def optimizer_labels(specs: list[OptimizerSpec]) -> list[str]:
 
 def plan(module: nn.Module, spec: Any) -> Plan:
     """Assign every trainable parameter of ``module`` to an optimizer and group; rows print as a table.
+
+    With ``frozen="include"`` on the spec(s), frozen parameters are assigned too, by the same rules.
 
     ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, or their dict/YAML data.
     """

@@ -27,6 +27,9 @@ from lightning_optkit.validation import flag, number
 Selector = str | type | Callable[[str, torch.nn.Parameter], bool] | Sequence[Any]
 
 _WD_FIX = "give a number >= 0 (0 disables it)"
+# OptimizerSpec.frozen: "skip" leaves requires_grad=False parameters out of the plan; "include" plans them
+# like trainable ones (optimizers skip a parameter whose grad is None, so it stays untouched while frozen).
+FROZEN_MODES = ("skip", "include")
 
 
 def _coerce_kwarg(key: str, value: Any, default: Any) -> Any:
@@ -307,7 +310,8 @@ class OptimizerSpec:
     """One optimizer: its class, lr, weight decay, parameter groups, no-decay rule, layer decay and schedule.
 
     ``optimizer`` is a registry name (case-insensitive), a dotted class path or a class. Every extra
-    keyword is an optimizer argument, checked against the class's signature now.
+    keyword is an optimizer argument, checked against the class's signature now. ``frozen="include"``
+    plans frozen (requires_grad=False) parameters too, so they train once unfrozen (see callbacks.Unfreeze).
     """
 
     def __init__(
@@ -322,8 +326,14 @@ class OptimizerSpec:
         layer_decay: Mapping[str, Any] | None = None,
         schedule: Any = None,
         name: str | None = None,
+        frozen: str = "skip",
         **optimizer_kwargs: Any,
     ) -> None:
+        if frozen not in FROZEN_MODES:
+            raise SpecError("frozen", frozen, "use 'skip' (leave frozen parameters out) or 'include' (plan them "
+                            "too, so they train once unfrozen, e.g. by callbacks.Unfreeze)",
+                            problem="is not a frozen-parameter mode")
+        self.frozen = frozen
         self.optimizer_cls = resolve_optimizer(optimizer)
         self.optimizer = optimizer
         label = name or self.optimizer_cls.__name__
@@ -426,6 +436,8 @@ class OptimizerSpec:
             out["schedule"] = self.schedule.to_dict()
         if self.name:
             out["name"] = self.name
+        if self.frozen != "skip":
+            out["frozen"] = self.frozen
         out.update(self.optimizer_kwargs)
         return out
 

@@ -1,9 +1,10 @@
-"""Lightning callbacks: clipping, the non-finite step guard, the optimizer monitor, schedule-free mode."""
+"""Lightning callbacks: clipping, the non-finite step guard, the optimizer monitor, schedule-free mode, unfreezing."""
 
 from lightning_optkit.callbacks.clipping import CLIP_ALGORITHMS, GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
+from lightning_optkit.callbacks.unfreeze import Unfreeze
 
 __all__ = [
     "CLIP_ALGORITHMS",
@@ -12,4 +13,5 @@ __all__ = [
     "OptimizerMonitor",
     "ScheduleFreeMode",
     "TooManySkippedSteps",
+    "Unfreeze",
 ]

@@ -8,6 +8,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from kernel_helpers import use_backend
 from torch import nn
 
 from lightning_optkit.errors import SpecError
@@ -55,22 +56,6 @@ def _config_params() -> list:
         for backend in BACKENDS:
             cases.append(pytest.param(config.kwargs, backend, id=f"{config.desc}-{backend}", marks=marks))
     return cases
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """Fresh random inputs every run; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"input seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def use_backend(backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Turn on Triton's CPU interpreter for this test only (kernels are built per mode on demand)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return backend
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_helpers import use_backend
 
 from lightning_optkit.kernels import (
     adamw_step,
@@ -20,22 +19,6 @@ BACKENDS = ["torch", "triton"]
 SHAPES = [(4100,), (3, 7), (1,), (64,)]
 STEPS = 10
 RTOL = 1e-6
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """Fresh random inputs every run; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"input seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def use_backend(backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Turn on Triton's CPU interpreter for this test only (kernels are built per mode on demand)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return backend
 
 
 def flat(tensors) -> torch.Tensor:

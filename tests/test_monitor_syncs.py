@@ -17,12 +17,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_optkit.callbacks._step_context import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 
 HOST_TRANSFERS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__",
                   "__format__", "__repr__", "__array__", "to(cpu)"}
-HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+HOOKS = PER_BATCH_HOOKS  # every per-batch hook the monitor implements (the others are None, never dispatched)
 
 
 class TorchCalls(TorchFunctionMode):
@@ -47,19 +48,16 @@ class CountedMonitor(OptimizerMonitor):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.calls: dict[int, list[str]] = defaultdict(list)
-        self.batch = -1
 
     def __getattribute__(self, name):
         attr = super().__getattribute__(name)
-        if name not in HOOKS:
+        if name not in HOOKS or attr is None:
             return attr
 
         def counted(trainer, *args, **kwargs):
-            if name == "on_train_batch_start":
-                self.batch += 1
             with TorchCalls() as calls:
                 out = attr(trainer, *args, **kwargs)
-            self.calls[self.batch].extend(calls.names)
+            self.calls[trainer.fit_loop.epoch_loop.batch_idx].extend(calls.names)
             return out
 
         return counted

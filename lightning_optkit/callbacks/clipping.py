@@ -9,16 +9,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks._step_context import (
+    LeanCallback,
     ensure_unscaled,
     is_logging_step,
     metric_scope,
     optimizer_index,
     step_grad_norms,
 )
+from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -67,7 +68,7 @@ def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
-class GradientClipping(Callback):
+class GradientClipping(LeanCallback):
     """Clip gradients once per optimizer step, after AMP unscaling and gradient accumulation.
 
     Acts in ``on_before_optimizer_step`` (automatic and manual optimization; in manual
@@ -92,10 +93,12 @@ class GradientClipping(Callback):
             ``clip_factor=0.01, eps=1e-3``; zscore ``z_thresh=2.5, alpha=0.97, warmup_steps=25``;
             quantile ``quantile=0.9, history=1000, warmup_steps=25``. Others are rejected.
 
-    Logged every logging step (``log_every_n_steps``) through ``pl_module.log``. ``<o>`` is empty
-    with one optimizer and ``<label>/`` with several, where ``<label>`` is the optimizer's kit spec
-    name, else its class name (repeats: ``Adam``, ``Adam-1``), the same label OptimizerMonitor and
-    NonFiniteGuard use:
+    Logged every logging step (``log_every_n_steps``), at the step of Lightning's own rows, to every
+    logger (one row per batch with NonFiniteGuard's keys, one host transfer; not through
+    ``pl_module.log``, which costs about 1 ms per call) and put in ``trainer.callback_metrics`` (so
+    EarlyStopping or a plateau schedule can monitor them). ``<o>`` is empty with one optimizer and
+    ``<label>/`` with several, where ``<label>`` is the optimizer's kit spec name, else its class
+    name (repeats: ``Adam``, ``Adam-1``), the same label OptimizerMonitor and NonFiniteGuard use:
 
     ==================================  ===============================================================
     Key                                 Value
@@ -276,10 +279,14 @@ class GradientClipping(Callback):
         self.last_threshold = threshold
         if logging:
             scope = metric_scope(trainer, optimizer)
-            pl_module.log(f"grad_clip/{scope}total_norm", total, on_step=True, on_epoch=False)
-            pl_module.log(f"grad_clip/{scope}clip_coef", self.last_clip_coef, on_step=True, on_epoch=False)
+            values = {f"grad_clip/{scope}total_norm": total, f"grad_clip/{scope}clip_coef": self.last_clip_coef}
             if threshold is not None:
-                pl_module.log(f"grad_clip/{scope}threshold", threshold, on_step=True, on_epoch=False)
+                values[f"grad_clip/{scope}threshold"] = threshold
+            record_step_metrics(trainer, values)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Write the values recorded on this logging batch (one row, one host transfer)."""
+        flush_step_metrics(trainer)
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],

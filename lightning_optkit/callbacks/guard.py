@@ -6,10 +6,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from lightning_optkit.callbacks._adaptive import RunningNormStats
 from lightning_optkit.callbacks._step_context import (
+    LeanCallback,
     active_scaler,
     arm_fused_skip,
     disarm_fused_skip,
@@ -22,6 +22,7 @@ from lightning_optkit.callbacks._step_context import (
     optimizer_labels,
     step_grad_norms,
 )
+from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
@@ -49,7 +50,7 @@ class _OptimizerTrack:
             self.skipped, self.consecutive = self.skipped.to(device), self.consecutive.to(device)
 
 
-class NonFiniteGuard(Callback):
+class NonFiniteGuard(LeanCallback):
     """Skip the optimizer step when any gradient is NaN/inf, or (optionally) when the norm spikes.
 
     A skipped step leaves parameters, optimizer state and the optimizer's step counters exactly as
@@ -91,7 +92,8 @@ class NonFiniteGuard(Callback):
     the gradients before ``on_before_optimizer_step``, so a NaN on one rank reaches every rank's
     gradients and every rank computes the same norm, flag and statistics.
 
-    Logged every logging step through ``pl_module.log`` (``<o>`` is empty with one optimizer and
+    Logged every logging step to every logger, in one row with GradientClipping's keys, and put in
+    ``trainer.callback_metrics`` (``<o>`` is empty with one optimizer and
     ``<label>/`` with several, the optimizer label GradientClipping and OptimizerMonitor use: the kit
     spec's name, else the class name, repeats ``Adam``, ``Adam-1``):
 
@@ -204,8 +206,8 @@ class NonFiniteGuard(Callback):
             self._check_consecutive(trainer, idx, int(track.consecutive))  # the amortised host sync
         if logging:
             scope = metric_scope(trainer, optimizer)
-            pl_module.log(f"guard/{scope}skipped_steps", track.skipped, on_step=True, on_epoch=False)
-            pl_module.log(f"guard/{scope}consecutive_skips", track.consecutive, on_step=True, on_epoch=False)
+            record_step_metrics(trainer, {f"guard/{scope}skipped_steps": track.skipped,
+                                          f"guard/{scope}consecutive_skips": track.consecutive})
 
     def _check_consecutive(self, trainer: pl.Trainer, idx: int, run: int) -> None:
         if run >= self.max_consecutive_skips:
@@ -231,8 +233,9 @@ class NonFiniteGuard(Callback):
         self._armed.clear()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        """Remove the ``found_inf`` flags set on fused optimizers during this batch."""
+        """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
+        flush_step_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise if the run of skipped steps reached ``max_consecutive_skips`` (checked once per epoch)."""

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_optkit.callbacks._step_context import (
+    LeanCallback,
     ensure_unscaled,
     is_logging_step,
     logger_step,
@@ -133,7 +134,7 @@ def _validated_norms(norms: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(n for n in NORM_NAMES if n in names)
 
 
-class OptimizerMonitor(Callback):
+class OptimizerMonitor(LeanCallback):
     """Log learning rates and gradient, parameter and update norms through the Trainer's loggers.
 
     Every ``every_n_steps`` optimizer steps (default: ``Trainer(log_every_n_steps)``), on the same
@@ -228,6 +229,7 @@ class OptimizerMonitor(Callback):
         self._plans: dict[int, _Plan] = {}  # id(raw optimizer) -> plan
         self._names: dict[int, str] = {}  # id(param) -> full parameter name
         self._pending: dict[int, _PendingStep] = {}
+        self._pending_step = -1  # logger step of the batch the pending records belong to
         self._clip: Callback | None = None
         self._awaiting_clip: _PendingStep | None = None
         self._wandb_loggers: list[Any] = []
@@ -261,6 +263,8 @@ class OptimizerMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name every optimizer, group and parameter (host-side, once)."""
+        self._pending.clear()
+        self._awaiting_clip = None
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._plans = {}
         names = optimizer_labels(trainer)
@@ -321,18 +325,16 @@ class OptimizerMonitor(Callback):
             if isinstance(coef, torch.Tensor) and coef is not pending.coef_before:  # set during this step
                 pending.clip_coef = coef.detach().clone()  # the callback may update it in place later
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        """Drop anything left over from an interrupted batch."""
-        if self._pending:
-            self._pending.clear()
-            self._awaiting_clip = None
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         """On logging steps: record grad and param norms and snapshot the parameters (all on device)."""
         if not self._is_logging_batch(trainer):
             return
+        step = logger_step(trainer)
+        if self._pending and self._pending_step != step:  # left over from a batch that never reached its end
+            self._pending.clear()
+            self._awaiting_clip = None
+        self._pending_step = step
         raw = getattr(optimizer, "optimizer", optimizer)
         self._harvest_clip()  # the clipping callback has run for the previously recorded step
         pending = self._pending.get(id(raw))

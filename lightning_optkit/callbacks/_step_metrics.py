@@ -1,0 +1,64 @@
+"""One logged row per logging batch for the callbacks' 0-d device tensors, moved to the host in one transfer.
+
+Private to :mod:`lightning_optkit.callbacks`. GradientClipping and NonFiniteGuard record their values
+here during ``on_before_optimizer_step`` (a later value of a key replaces the earlier one, so with
+several steps in a batch the last step wins, as with ``self.log``) and flush them in
+``on_train_batch_end``: the values go into ``trainer.callback_metrics`` (so EarlyStopping,
+ModelCheckpoint and plateau schedules can monitor them) and, with one ``tolist()``, to every logger's
+``log_metrics`` at the step Lightning's own rows use.
+
+Why not ``pl_module.log``: on this kind of loop it costs about 0.7-1 ms per call on a CPU (Lightning
+moves the stored result's whole state to the value's device on every call) and keeps every logged key
+in the per-batch result processing for the rest of the epoch; for two keys every 50 steps that was
+1.2% of a 2.4 ms step. Lightning's own LearningRateMonitor writes to the loggers directly too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_optkit.callbacks._step_context import logger_step
+
+__all__ = ["flush_step_metrics", "record_step_metrics"]
+
+
+@dataclass
+class _Row:
+    step: int
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# trainer -> the row being collected for its current logging batch
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+    """Queue 0-d tensors for the current batch's row (no host sync; copies, so later in-place edits don't leak)."""
+    step = logger_step(trainer)
+    row = _ROWS.get(trainer)
+    if row is not None and row.step != step:  # left over from a batch that did not reach its end
+        flush_step_metrics(trainer)
+        row = None
+    if row is None:
+        row = _ROWS[trainer] = _Row(step)
+    row.values.update({key: value.detach().reshape(()).clone() for key, value in values.items()})
+
+
+def flush_step_metrics(trainer: pl.Trainer) -> None:
+    """Write the queued row, if any: ``trainer.callback_metrics``, then every logger, one host transfer."""
+    row = _ROWS.pop(trainer, None)
+    if row is None or not row.values:
+        return
+    trainer.callback_metrics.update(row.values)
+    if not trainer.loggers:
+        return
+    device = next(iter(row.values.values())).device
+    tensors = [v if v.device == device else v.to(device) for v in row.values.values()]
+    floats = torch.stack([t.float() for t in tensors]).tolist()  # the single device-to-host transfer
+    metrics = dict(zip(row.values, floats, strict=True))
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=row.step)

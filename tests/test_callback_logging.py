@@ -1,0 +1,57 @@
+"""What GradientClipping and NonFiniteGuard log: one row per logging step, values users can monitor."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger
+from test_clipping import Regressor, hand_loop, make_loader
+
+from lightning_optkit.callbacks.clipping import GradientClipping
+from lightning_optkit.callbacks.guard import NonFiniteGuard
+
+KEYS = ("grad_clip/total_norm", "grad_clip/clip_coef", "guard/skipped_steps", "guard/consecutive_skips")
+
+
+def read_rows(logger: CSVLogger) -> list[dict[str, float]]:
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def test_clip_and_guard_write_one_row_per_logging_step_with_the_pre_clip_norm(tmp_path, quiet_trainer_kwargs):
+    torch.manual_seed(0)
+    loader = make_loader()
+    model = Regressor("adam")
+    reference = copy.deepcopy(model.net)
+    logger = CSVLogger(str(tmp_path))
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=6, log_every_n_steps=2,
+                         callbacks=[GradientClipping(max_norm=0.5), NonFiniteGuard()])
+    trainer.fit(model, loader)
+    norms = hand_loop(reference, loader, "adam", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), steps=6)
+    assert max(norms) > 0.5, "the test must actually clip"
+
+    rows = read_rows(logger)
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # Lightning's logging steps, one row each
+    for row in rows:
+        assert set(KEYS) <= set(row)
+        norm = norms[int(row["step"])]
+        assert row["grad_clip/total_norm"] == pytest.approx(norm, rel=1e-5)
+        assert row["grad_clip/clip_coef"] == pytest.approx(min(1.0, 0.5 / (norm + 1e-6)), rel=1e-5)
+        assert row["guard/skipped_steps"] == 0 and row["guard/consecutive_skips"] == 0
+    for key in KEYS:  # the latest values are in callback_metrics, as with self.log
+        assert trainer.callback_metrics[key].item() == pytest.approx(rows[-1][key], rel=1e-6)
+
+
+def test_lightning_callbacks_can_monitor_the_logged_norm(quiet_trainer_kwargs):
+    """EarlyStopping reads trainer.callback_metrics: the clip norm is there for it."""
+    stop = EarlyStopping(monitor="grad_clip/total_norm", mode="min", stopping_threshold=1e9,
+                         check_on_train_epoch_end=True)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_epochs=5, log_every_n_steps=1,
+                         callbacks=[GradientClipping(max_norm=0.5), stop])
+    trainer.fit(Regressor(), make_loader())
+    assert trainer.current_epoch == 1 and stop.stopped_epoch == 0  # stopped after the first epoch's check

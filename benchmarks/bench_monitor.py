@@ -6,15 +6,21 @@ Configurations (all with a CSVLogger, timed from ``on_train_start`` to ``on_trai
 * ``clip``: ``GradientClipping(max_norm=1.0)`` alone;
 * ``clip+monitor``: ``GradientClipping(max_norm=1.0)`` + ``OptimizerMonitor(every_n_steps=50)``;
 * ``baseline+monitor``: ``Trainer(gradient_clip_val=1.0)`` + ``OptimizerMonitor(every_n_steps=50)``
-  (the monitor's own cost).
+  (the monitor's own cost);
+* ``baseline-again``: the baseline once more, so the table shows the noise floor (its ratio would be
+  1.000 on a quiet machine).
 
-Repeats are interleaved (one run of each configuration per round) and the median is reported with
-its ratio to the baseline's median. Usage: ``python benchmarks/bench_monitor.py [--repeats 7]``.
+Repeats are interleaved: one run of each configuration per round, the order rotated from round to
+round so each configuration runs in every position equally often (position alone moves a fit by up
+to 1% on a shared machine). Reported per configuration: the median time, its ratio to the baseline's
+median, and the median over rounds of the ratio to that round's baseline run (paired, so slow drifts
+of the machine cancel). Usage: ``python benchmarks/bench_monitor.py [--repeats 15]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -52,11 +58,16 @@ class MLP(LightningModule):
 
 
 class LoopTimer(Callback):
+    """Times the training loop; Python's garbage collector is paused meanwhile, as ``timeit`` does."""
+
     def on_train_start(self, trainer, pl_module):
+        gc.collect()
+        gc.disable()
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
         self.seconds = time.perf_counter() - self.start
+        gc.enable()
 
 
 def run(config: str, data: TensorDataset, args: argparse.Namespace) -> float:
@@ -81,7 +92,7 @@ def run(config: str, data: TensorDataset, args: argparse.Namespace) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (a multiple of 5 rotates evenly)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=12_800)
@@ -95,22 +106,23 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(args.samples, 64, generator=g), torch.randint(0, 10, (args.samples,), generator=g))
-    configs = ["baseline", "clip", "clip+monitor", "baseline+monitor"]
+    configs = ["baseline", "clip", "clip+monitor", "baseline+monitor", "baseline-again"]
     steps = 2 * (args.samples // args.batch_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP width {args.width}, "
           f"{steps} optimizer steps (2 epochs), {args.repeats} interleaved repeats")
     run("baseline", data, args)  # warm-up (imports, allocator)
     times: dict[str, list[float]] = {c: [] for c in configs}
-    for _ in range(args.repeats):
-        for config in configs:
+    for r in range(args.repeats):
+        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
             times[config].append(run(config, data, args))
     base = statistics.median(times["baseline"])
-    base_min = min(times["baseline"])
-    print(f"{'config':<18}{'median s':>10}{'min s':>9}{'ms/step':>9}{'ratio':>8}{'ratio(min)':>12}")
+    print(f"{'config':<18}{'median s':>10}{'ms/step':>9}{'ratio':>8}{'paired ratio':>14}{'IQR of paired':>16}")
     for config in configs:
-        med, best = statistics.median(times[config]), min(times[config])
-        print(f"{config:<18}{med:>10.3f}{best:>9.3f}{1e3 * med / steps:>9.3f}{med / base:>8.3f}"
-              f"{best / base_min:>12.3f}")
+        med = statistics.median(times[config])
+        paired = [t / b for t, b in zip(times[config], times["baseline"], strict=True)]
+        q1, _, q3 = statistics.quantiles(paired, n=4)
+        print(f"{config:<18}{med:>10.3f}{1e3 * med / steps:>9.3f}{med / base:>8.3f}"
+              f"{statistics.median(paired):>14.3f}{f'{q1:.3f}-{q3:.3f}':>16}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def logger_step(trainer: pl.Trainer) -> int:
     whatever the number of optimizers). There is no public equivalent: ``trainer.global_step`` counts
     every optimizer's steps in manual optimization. This is the callbacks' only read of it.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return int(stepped) if stepped is not None else trainer.global_step
 
 
 def is_logging_step(trainer: pl.Trainer, every_n_steps: int | None = None) -> bool:

@@ -50,6 +50,8 @@ def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor]) ->
 
 def flush_step_metrics(trainer: pl.Trainer) -> None:
     """Write the queued row, if any: ``trainer.callback_metrics``, then every logger, one host transfer."""
+    if not _ROWS:  # the common case, every step that does not log: nothing to do
+        return
     row = _ROWS.pop(trainer, None)
     if row is None or not row.values:
         return

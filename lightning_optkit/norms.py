@@ -50,6 +50,13 @@ def check_norm_type(norm_type: float) -> float:
     return value
 
 
+def _one_group(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether all ``tensors`` share one device and dtype (the common case, checked cheaply)."""
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    return all(t.dtype == dtype for t in tensors) and all(t.device == device for t in tensors)
+
+
 def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> list[torch.Tensor]:
     """The p-norm of each tensor as a 0-d float32 tensor on that tensor's device, in input order.
 
@@ -58,16 +65,24 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> lis
     """
     norm_type = check_norm_type(norm_type)
     tensors = list(tensors)  # gradients never require grad; foreach_norm reads them as they are
+    if not tensors:
+        return []
+    if _one_group(tensors):  # one launch, no regrouping
+        return _group_norms(tensors, norm_type)
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    for (_, dtype), idx in group_by_device_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
-        if dtype in (torch.float16, torch.bfloat16):
-            norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)
-        else:
-            norms = torch._foreach_norm(group, norm_type)
-        for i, n in zip(idx, norms, strict=True):
-            out[i] = n if n.dtype == torch.float32 else n.float()
+    for _, idx in group_by_device_dtype(tensors).items():
+        for i, n in zip(idx, _group_norms([tensors[i] for i in idx], norm_type), strict=True):
+            out[i] = n
     return out  # type: ignore[return-value]
+
+
+def _group_norms(group: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    dtype = group[0].dtype
+    if dtype == torch.float32:
+        return list(torch._foreach_norm(group, norm_type))
+    if dtype in (torch.float16, torch.bfloat16):
+        return list(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+    return [n.float() for n in torch._foreach_norm(group, norm_type)]
 
 
 def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
@@ -77,8 +92,10 @@ def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
     device = device if device is not None else norms[0].device
-    stacked = torch.stack([n if n.device == device and n.dtype == torch.float32 else n.to(device, torch.float32)
-                           for n in norms])
+    if norms[0].device == device and _one_group(norms) and norms[0].dtype == torch.float32:
+        stacked = torch.stack(list(norms))
+    else:
+        stacked = torch.stack([n.to(device, torch.float32) for n in norms])
     if math.isinf(norm_type):
         return stacked.max()
     return torch.linalg.vector_norm(stacked, norm_type)
@@ -103,8 +120,10 @@ def clip_coefficient(limit: torch.Tensor | float, norm: torch.Tensor) -> torch.T
     torch gives 0 for an infinite norm, which zeroes finite entries and turns the update into
     finite garbage; NaN keeps a broken gradient visibly broken, so a non-finite skip wins.
     """
-    # norm - norm is 0 for a finite norm and NaN for inf/NaN: two cheap ops instead of isfinite/where
-    return torch.clamp(limit / (norm + CLIP_EPS), max=1.0) + (norm - norm)
+    denominator = norm + CLIP_EPS
+    # denominator / denominator is 1 for a finite norm (never 0/0: it is at least 1e-6) and NaN for
+    # inf/NaN, and minimum() propagates NaN: four ops in all, as many as torch's own clamp formula
+    return torch.minimum(torch.div(limit, denominator), denominator / denominator)
 
 
 def params_by_module_prefix(module: nn.Module, depth: int = 1,

@@ -8,8 +8,6 @@ by the callbacks lives in this module, each with a comment saying why there is n
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -136,28 +134,25 @@ def metric_scope(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
 def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = frozenset()
                 ) -> list[torch.nn.Parameter]:
     """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``."""
-    seen: set[int] = set()
-    out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None or id(p) in seen or id(p) in skip_ids:
-                continue
-            seen.add(id(p))
-            out.append(p)
+    groups = optimizer.param_groups
+    out = [p for group in groups for p in group["params"] if p.grad is not None]
+    if len(groups) > 1 and len({id(p) for p in out}) != len(out):  # torch forbids it, other optimizers may not
+        out = list({id(p): p for p in out}.values())
+    if skip_ids:
+        out = [p for p in out if id(p) not in skip_ids]
     return out
 
 
-# raw optimizer -> (key, {norm_type: norms of ALL its gradients}). The first callback to ask at an
-# optimizer step computes the norms of every gradient of the optimizer, for every norm type any
-# registered callback declares (``grad_norm_types``), before any callback modifies a gradient; later
-# callbacks (even after in-place clipping) take the subset they need. The key names the step and
-# the exact gradient tensors, so a stale entry is never reused.
-_NORM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _declared_norm_types(trainer: pl.Trainer) -> Iterable[float]:
-    for cb in trainer.callbacks:
-        yield from getattr(cb, "grad_norm_types", ())
+# The norms of the optimizer step being processed: (key, {norm_type: norms of ALL its gradients}).
+# The first callback to ask at an optimizer step computes the norms of every gradient of the
+# optimizer, for every norm type any registered callback declares (``grad_norm_types``), before any
+# callback modifies a gradient; later callbacks (even after in-place clipping) take the subset they
+# need. The key names the optimizer, the step and the exact gradient tensors, so a stale entry is
+# never reused. One entry is enough: Lightning runs every callback for one optimizer step before
+# the next optimizer's.
+_STEP_NORMS: list[tuple[tuple, dict[float, list[torch.Tensor]]] | None] = [None]
+def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
+    return [float(t) for cb in trainer.callbacks for t in getattr(cb, "grad_norm_types", ())]
 
 
 def step_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_type: float,
@@ -172,17 +167,16 @@ def step_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_
     """
     raw = getattr(optimizer, "optimizer", optimizer)
     params = grad_params(raw)
-    key = (trainer.global_step, tuple(id(p) for p in params), tuple(id(p.grad) for p in params))
-    hit = _NORM_CACHE.get(raw)
+    grads = [p.grad for p in params]
+    key = (id(raw), trainer.global_step, *map(id, grads))  # the step and its gradient tensors (so the params)
+    norm_type = float(norm_type)
+    hit = _STEP_NORMS[0]
     if hit is None or hit[0] != key:
-        types = {float(norm_type), *(float(t) for t in _declared_norm_types(trainer))}
-        grads = [p.grad for p in params]
-        hit = (key, {t: tensor_norms(grads, t) for t in sorted(types)})
-        _NORM_CACHE[raw] = hit
+        hit = _STEP_NORMS[0] = (key, {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}})
     by_type = hit[1]
-    if float(norm_type) not in by_type:  # undeclared norm type: computed now, on the gradients as they are
-        by_type[float(norm_type)] = tensor_norms([p.grad for p in params], norm_type)
-    norms = by_type[float(norm_type)]
+    if norm_type not in by_type:  # undeclared norm type: computed now, on the gradients as they are
+        by_type[norm_type] = tensor_norms(grads, norm_type)
+    norms = by_type[norm_type]
     if not skip_ids:
         return params, norms
     kept = [i for i, p in enumerate(params) if id(p) not in skip_ids]

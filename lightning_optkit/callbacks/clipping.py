@@ -53,6 +53,11 @@ def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) ->
 
 def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
     """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group."""
+    first = grads[0]
+    if first.dtype == coef.dtype and all(g.dtype == coef.dtype for g in grads) and all(
+            g.device == coef.device for g in grads):
+        torch._foreach_mul_(grads, coef)  # the common case: one launch, nothing to convert
+        return
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from lightning_optkit.build import build_optimizers
+from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import optimizer_labels
 from lightning_optkit.spec import ChainSpec, spec_from_data
@@ -185,7 +185,7 @@ def _take_plateau_monitors(configs: list[dict]) -> dict[int, tuple[str, bool]]:
     return watched
 
 
-class ManualStepCheck(Callback):
+class ManualStepCheck(LeanCallback):
     """Fail on the first batch when a module with several optimizers stepped none of them.
 
     A list spec switches the module to manual optimization; a ``training_step`` that still returns its

@@ -14,15 +14,21 @@ from lightning_optkit.callbacks._step_context import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
+from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
+from lightning_optkit.callbacks.unfreeze import Unfreeze
+from lightning_optkit.distributed.resume import RestoreLoaderPosition
+from lightning_optkit.mixin import ManualStepCheck
+
+KIT_CALLBACKS = [GradientClipping(max_norm=1.0), NonFiniteGuard(), OptimizerMonitor(), ScheduleFreeMode(),
+                 Unfreeze("net.*", at_epoch=1), RestoreLoaderPosition(), ManualStepCheck()]
 
 
-@pytest.mark.parametrize("callback", [GradientClipping(max_norm=1.0), NonFiniteGuard(), OptimizerMonitor()],
-                         ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize("callback", KIT_CALLBACKS, ids=lambda c: type(c).__name__)
 def test_only_the_hooks_a_callback_implements_are_dispatched(callback):
     for name in PER_BATCH_HOOKS:
         implemented = getattr(type(callback), name) is not getattr(Callback, name)
         assert (getattr(callback, name) is not None) == implemented, name
-    assert callable(callback.on_before_optimizer_step)
+    assert any(getattr(callback, name) is None for name in PER_BATCH_HOOKS)
     for clone in (copy.deepcopy(callback), pickle.loads(pickle.dumps(callback))):
         assert [getattr(clone, n) is None for n in PER_BATCH_HOOKS] == [getattr(callback, n) is None
                                                                           for n in PER_BATCH_HOOKS]

@@ -6,8 +6,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
+from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.optim.chained import ChainedOptimizer
 from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
 
@@ -23,7 +23,7 @@ def schedule_free_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[Sc
     return found
 
 
-class ScheduleFreeMode(Callback):
+class ScheduleFreeMode(LeanCallback):
     """Switch every ScheduleFreeAdamW of the trainer to eval (weights x) and back to train (weights y).
 
     Train mode at the start of training and after each validation inside ``fit``; eval mode for

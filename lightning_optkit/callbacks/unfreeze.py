@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import matches, owners
 from lightning_optkit.spec import Selector, check_selector
@@ -31,7 +32,7 @@ def _describe(selector: Any) -> str:
     return getattr(selector, "__qualname__", None) or getattr(selector, "__name__", None) or repr(selector)
 
 
-class Unfreeze(L.Callback):
+class Unfreeze(LeanCallback):
     """Set ``requires_grad=True`` on the parameters ``params`` selects, at the start of epoch ``at_epoch``
     or of optimizer step ``at_step`` (``trainer.global_step``); exactly one of the two.
 

@@ -17,7 +17,8 @@ deterministic sampler, as samplers are re-seeded per epoch through ``set_epoch``
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+
+from lightning_optkit.callbacks._step_context import LeanCallback
 
 __all__ = ["RestoreLoaderPosition"]
 
@@ -37,7 +38,7 @@ def _load_pending_loader_states(trainer: pl.Trainer) -> bool:
     return True
 
 
-class RestoreLoaderPosition(Callback):
+class RestoreLoaderPosition(LeanCallback):
     """Resume stateful train loaders at their saved batch (works around Lightning issue #20550).
 
     Add it to the Trainer's callbacks when the train loader implements ``state_dict`` /

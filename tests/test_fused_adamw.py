@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 
 import lightning as L
 import pytest
@@ -117,6 +119,36 @@ def test_max_grad_norm_equals_clip_grad_norm_then_adamw(backend, gen, monkeypatc
         ref_opt.step()
         assert rel_err(opt.last_grad_norm, ref_norm) <= RTOL
     assert_same_as_torch(opt, ref_opt, params, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_keeps_its_settings_and_continues_exactly(backend, how, gen, monkeypatch):
+    """A deepcopy or unpickled FusedAdamW clips, skips and counts exactly as the original does."""
+    use_backend(backend, monkeypatch)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in ((8, 5), (5,), (300,))]
+    opt = FusedAdamW(params, lr=1e-2, max_grad_norm=0.5, backend=backend)
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()  # skipped: counted
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    model_copy = copy.deepcopy({"params": params, "opt": opt})
+    if how == "pickle":
+        model_copy = pickle.loads(pickle.dumps(model_copy))
+    twin, twin_params = model_copy["opt"], model_copy["params"]
+    assert (twin.max_grad_norm, twin.backend, int(twin.skipped_steps)) == (0.5, backend, 1)
+    for bad in (False, True, False):
+        for p, q in zip(params, twin_params, strict=True):
+            g = torch.full_like(p, float("inf")) if bad else torch.randn(p.shape, generator=gen) * 10
+            p.grad, q.grad = g, g.clone()  # large enough to be clipped
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+    assert int(twin.skipped_steps) == int(opt.skipped_steps) == 2
+    torch.testing.assert_close(twin.last_grad_norm, opt.last_grad_norm, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

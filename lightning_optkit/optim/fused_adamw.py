@@ -63,6 +63,11 @@ def _check_number(field: str, value: Any, low: float, high: float = math.inf, *,
                       at_most=None if open_high or math.isinf(high) else high)
 
 
+# Attributes set by FusedAdamW.__init__ that a deepcopy or pickle must carry (see __getstate__).
+_PICKLED_ATTRIBUTES = ("max_grad_norm", "backend", "stochastic_rounding", "skipped_steps", "last_grad_norm",
+                       "_sr_seed_host", "_sr_seeds")
+
+
 @register_optimizer("fused_adamw")
 class FusedAdamW(StepModifiers, torch.optim.Optimizer):
     """AdamW (torch semantics) with in-step global-norm clipping and sync-free non-finite skipping.
@@ -88,7 +93,7 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
     it is counted: ``skipped_steps`` is a 0-d int64 tensor on the parameters' device, incremented inside
     every step by its skip flag (no host sync). Read it when you log, e.g.
     ``self.log("skipped", optimizer.skipped_steps.item())``; it counts since construction and is not
-    part of ``state_dict``.
+    part of ``state_dict``. A ``copy.deepcopy`` or pickle keeps it and every constructor setting.
 
     ``max_grad_norm``, ``backend`` and ``stochastic_rounding`` apply to the whole optimizer: a param
     group that sets one of them raises a SpecError.
@@ -182,8 +187,29 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             seed = self._sr_seeds[device] = self._sr_seed_host.to(device)
         return seed
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings and counters.
+
+        torch's ``Optimizer.__getstate__`` keeps only the former, so without this a deepcopy or an
+        unpickled FusedAdamW lost ``max_grad_norm``, ``backend`` and ``skipped_steps`` and could not step.
+        """
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in _PICKLED_ATTRIBUTES if key in self.__dict__})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        extra = {key: state.pop(key) for key in _PICKLED_ATTRIBUTES if key in state}
         super().__setstate__(state)
+        self.max_grad_norm = extra.get("max_grad_norm")
+        self.backend = extra.get("backend", "auto")
+        self.stochastic_rounding = extra.get("stochastic_rounding", False)
+        self.skipped_steps = extra.get("skipped_steps", torch.zeros((), dtype=torch.int64))
+        self.last_grad_norm = extra.get("last_grad_norm")
+        self._sr_seeds = extra.get("_sr_seeds", {})
+        if "_sr_seed_host" in extra:
+            self._sr_seed_host = extra["_sr_seed_host"]
+        self._path_log = PathLogger(type(self).__name__)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)

@@ -120,7 +120,8 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
     monitor = OptimizerMonitor(every_n_steps=2, histograms=True)
     kwargs = {**quiet_trainer_kwargs, "logger": WandbLogger(offline=True, save_dir=str(tmp_path))}
     # clipping listed before the monitor: the monitor must still report pre-clip norms
-    trainer = Trainer(**kwargs, max_steps=6, callbacks=[recorder, clip, monitor])
+    # log_every_n_steps=2: GradientClipping logs on Lightning's cadence, here the monitor's
+    trainer = Trainer(**kwargs, max_steps=6, log_every_n_steps=2, callbacks=[recorder, clip, monitor])
     trainer.fit(Net())
     wandb.finish()
     assert trainer.callbacks.index(monitor) < trainer.callbacks.index(clip)
@@ -149,6 +150,13 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
         hist = row["grad_norm/layer_histogram"]
         assert hist["_type"] == "histogram" and sum(hist["values"]) == 3  # one count per layer
     assert clipped_somewhere, "max_norm too large: the clipped keys were never exercised"
+    # GradientClipping's own row reaches W&B at the same steps, with the same pre-clip norm
+    clip_rows = {r["trainer/global_step"]: r for r in read_history(tmp_path) if "grad_clip/total_norm" in r}
+    assert sorted(clip_rows) == [1, 3, 5]
+    for row in rows:
+        clip_row = clip_rows[row["trainer/global_step"]]
+        assert clip_row["grad_clip/total_norm"] == pytest.approx(row["grad_norm/total"], rel=REL)
+        assert clip_row["grad_clip/clip_coef"] == pytest.approx(row["grad_norm/clip_coef"], rel=REL)
     # the lr logged is the one the step used: StepLR(gamma=0.8) per step, starting at 0.1
     assert [r["lr/body"] for r in rows] == pytest.approx([0.1 * 0.8**s for s in (1, 3, 5)], rel=1e-12)
 

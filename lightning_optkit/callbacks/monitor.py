@@ -114,10 +114,14 @@ class _OneTransfer:
     def fetch(self) -> None:
         if not self._tensors:
             return
-        device = self._tensors[0].device
-        parts = [t if (t.device == device and t.dtype == torch.float32) else t.to(device, torch.float32)
-                 for t in self._tensors]
-        self._values = torch.stack([p.reshape(()) for p in parts]).tolist()  # the single D2H transfer
+        first = self._tensors[0]
+        device = first.device
+        if all(t.dtype == torch.float32 and t.ndim == 0 for t in self._tensors) and all(
+                t.device == device for t in self._tensors):
+            parts = self._tensors  # the usual case: 0-d float32 norms from foreach_norm, on one device
+        else:
+            parts = [t.to(device, torch.float32).reshape(()) for t in self._tensors]
+        self._values = torch.stack(parts).tolist()  # the single D2H transfer
 
     def get(self, where: slice) -> list[float]:
         return self._values[where]

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "metric_scope",
     "optimizer_index",
     "optimizer_labels",
+    "refuse_sharded_strategy",
     "step_grad_norms",
 ]
 
@@ -61,6 +63,22 @@ class LeanCallback(Callback):
             if getattr(cls, name) is getattr(Callback, name):
                 setattr(self, name, None)
         return self
+
+
+# ------------------------------------------------------------------ strategies
+def refuse_sharded_strategy(trainer: pl.Trainer, callback: str, fix: str) -> None:
+    """Raise a SpecError when the strategy shards parameters (FSDP, DeepSpeed, ModelParallel).
+
+    Each rank then holds only its shard of every gradient, so norms, clip coefficients and skip
+    decisions computed from ``optimizer.param_groups`` would be per-shard, and could differ
+    between ranks: wrong, silently. DDP (every rank holds the reduced gradients) is fine.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise SpecError("Trainer(strategy)", type(strategy).__name__, fix,
+                        problem=f"shards the parameters, so {callback} would see each rank's shard only")
 
 
 # ------------------------------------------------------------------ logging cadence

@@ -17,6 +17,7 @@ from lightning_optkit.callbacks._step_context import (
     is_logging_step,
     metric_scope,
     optimizer_index,
+    refuse_sharded_strategy,
     step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
@@ -211,7 +212,11 @@ class GradientClipping(LeanCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse ``Trainer(gradient_clip_val=...)`` and resolve ``exclude`` patterns to parameters."""
+        """Refuse ``Trainer(gradient_clip_val=...)`` and sharded strategies; resolve ``exclude`` patterns."""
+        if stage == "fit":
+            refuse_sharded_strategy(trainer, "GradientClipping", "remove GradientClipping and set "
+                                    "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
+                                    "own sharded clip_grad_norm_ (or use strategy='ddp')")
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val is not None and clip_val != 0:
             raise SpecError("Trainer(gradient_clip_val)", clip_val,

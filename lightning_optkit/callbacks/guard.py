@@ -20,6 +20,7 @@ from lightning_optkit.callbacks._step_context import (
     metric_scope,
     optimizer_index,
     optimizer_labels,
+    refuse_sharded_strategy,
     step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
@@ -147,6 +148,13 @@ class NonFiniteGuard(LeanCallback):
     def grad_norm_types(self) -> tuple[float, ...]:
         """Norm types this callback reads, precomputed by whichever callback reads gradients first."""
         return (self.norm_type,)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse sharded strategies: each rank would decide its skip from its own shard's norm."""
+        if stage == "fit":
+            refuse_sharded_strategy(trainer, "NonFiniteGuard", "remove NonFiniteGuard, or train with "
+                                    "strategy='ddp' (there every rank sees the reduced gradients and decides "
+                                    "alike)")
 
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:

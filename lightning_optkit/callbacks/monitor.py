@@ -18,6 +18,7 @@ from lightning_optkit.callbacks._step_context import (
     is_logging_step,
     logger_step,
     optimizer_labels,
+    refuse_sharded_strategy,
     step_grad_norms,
 )
 from lightning_optkit.errors import SpecError, closest
@@ -243,6 +244,8 @@ class OptimizerMonitor(LeanCallback):
         """Resolve the logging period, check the loggers and find a clipping callback."""
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor (its norms would be "
+                                "per-shard), or train with strategy='ddp'")
         if not trainer.loggers:
             raise SpecError("Trainer(logger)", False,
                             "give the Trainer a logger (e.g. WandbLogger) or remove OptimizerMonitor",

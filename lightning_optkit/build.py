@@ -68,6 +68,33 @@ def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:
     return min(by_steps, by_epochs) if by_epochs else by_steps
 
 
+def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> None:
+    """Refuse optimizers whose rule reads norms across tensors under a strategy that shards them.
+
+    Under FSDP, DeepSpeed or ModelParallel each rank's optimizer holds only shards: FusedAdamW's
+    global-norm clip and whole-step skip, and LAMB's per-tensor trust ratio, would then be computed
+    per shard (and the skip could differ between ranks), silently.
+    """
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if strategy is None:
+        return
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_optkit.optim.fused_adamw import FusedAdamW
+    from lightning_optkit.optim.lamb import LAMB
+
+    if not isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        return
+    for op in optimizers:
+        if issubclass(op.spec.optimizer_cls, (FusedAdamW, LAMB)):
+            name = op.spec.optimizer_cls.__name__
+            raise SpecError("optimizer", name, "use an element-wise optimizer (adamw with fused=True, lion, adan, "
+                            "momentum_sgd) and Trainer(gradient_clip_val=...) for clipping, or train with "
+                            "strategy='ddp'",
+                            problem=f"computes norms across whole tensors, but {type(strategy).__name__} gives "
+                            "each rank only shards of them")
+
+
 def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     """Build the optimizers (and schedulers) that ``spec`` describes for ``module``.
 
@@ -79,6 +106,7 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     """
     spec = spec_from_data(spec)
     the_plan = plan(module, spec)
+    _refuse_per_shard_rules(the_plan.optimizers, trainer)
     if isinstance(spec, ChainSpec):
         from lightning_optkit.optim.chained import ChainedOptimizer
 

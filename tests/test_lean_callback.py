@@ -61,18 +61,3 @@ def test_subclass_overrides_are_dispatched_in_a_real_fit(quiet_trainer_kwargs):
     assert callback.last_total_norm is not None  # GradientClipping's own hook ran through super()
     assert callback.on_before_backward is None
 
-
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
-@pytest.mark.parametrize("callback", [GradientClipping(max_norm=1.0), NonFiniteGuard(), OptimizerMonitor()],
-                         ids=lambda c: type(c).__name__)
-def test_sharded_strategies_are_refused_at_setup(callback, strategy, monkeypatch):
-    """Per-shard norms would be wrong silently. FSDP/DeepSpeed need a GPU, so the strategy is swapped in."""
-    import lightning.pytorch.strategies as strategies
-
-    from lightning_optkit.errors import SpecError
-
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    cls = getattr(strategies, strategy)
-    monkeypatch.setattr(trainer._accelerator_connector, "strategy", cls.__new__(cls))  # no GPU here
-    with pytest.raises(SpecError, match=rf"Trainer\(strategy\)={strategy!r}.*shards the parameters.*Fix: remove"):
-        callback.setup(trainer, Regressor(), "fit")

@@ -81,7 +81,7 @@ def run(config: str, data: TensorDataset, args: argparse.Namespace) -> float:
     else:
         callbacks.append(GradientClipping(max_norm=1.0))
     if config.endswith("+monitor"):
-        callbacks.append(OptimizerMonitor(every_n_steps=50))
+        callbacks.append(OptimizerMonitor(every_n_steps=args.every))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, gradient_clip_val=clip_val,
                           logger=CSVLogger(tmp), callbacks=callbacks, enable_progress_bar=False,
@@ -93,6 +93,8 @@ def run(config: str, data: TensorDataset, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="rounds (a multiple of 5 rotates evenly)")
+    parser.add_argument("--every", type=int, default=50, help="OptimizerMonitor(every_n_steps=...); the target "
+                        "is stated for 50")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=12_800)
@@ -109,7 +111,7 @@ def main() -> None:
     configs = ["baseline", "clip", "clip+monitor", "baseline+monitor", "baseline-again"]
     steps = 2 * (args.samples // args.batch_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP width {args.width}, "
-          f"{steps} optimizer steps (2 epochs), {args.repeats} interleaved repeats")
+          f"{steps} optimizer steps (2 epochs), monitor every {args.every} steps, {args.repeats} interleaved repeats")
     run("baseline", data, args)  # warm-up (imports, allocator)
     times: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(args.repeats):

@@ -121,9 +121,10 @@ def clip_coefficient(limit: torch.Tensor | float, norm: torch.Tensor) -> torch.T
     finite garbage; NaN keeps a broken gradient visibly broken, so a non-finite skip wins.
     """
     denominator = norm + CLIP_EPS
-    # denominator / denominator is 1 for a finite norm (never 0/0: it is at least 1e-6) and NaN for
-    # inf/NaN, and minimum() propagates NaN: four ops in all, as many as torch's own clamp formula
-    return torch.minimum(torch.div(limit, denominator), denominator / denominator)
+    # reciprocal * limit is what torch's ``limit / tensor`` computes, so the coefficient is bit-equal to
+    # clip_grad_norm_'s. denominator / denominator is 1 for a finite norm (never 0/0: it is at least
+    # 1e-6) and NaN for inf/NaN, and minimum() propagates NaN.
+    return torch.minimum(denominator.reciprocal() * limit, denominator / denominator)
 
 
 def params_by_module_prefix(module: nn.Module, depth: int = 1,

@@ -336,3 +336,40 @@ def test_mixin_manual_step_two_optimizers_with_clipping_and_guard(quiet_trainer_
     assert trainer.callback_metrics["guard/b/skipped_steps"].item() == 0
     assert {"grad_clip/a/total_norm", "grad_clip/b/clip_coef", "guard/a/consecutive_skips"} <= set(
         trainer.callback_metrics)
+
+
+class LBFGSRegressor(Regressor):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_closure_reevaluations_are_each_clipped_with_their_own_norm(quiet_trainer_kwargs):
+    """LBFGS runs the closure several times per step; each new gradient must get its own norm.
+
+    The gradients of a re-run closure are new tensors that may reuse the freed ones' addresses, so a
+    norm cache keyed on ids alone would clip them with the previous evaluation's norm.
+    """
+    torch.manual_seed(0)
+    loader = make_loader(n=24, batch_size=8)
+    model = LBFGSRegressor()
+    reference = copy.deepcopy(model.net)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=3, callbacks=[GradientClipping(max_norm=0.3)])
+    trainer.fit(model, loader)
+
+    opt = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=4)
+    norms = []
+    for x, y in loader:
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.mse_loss(reference(x), y)
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.3)))
+            return loss
+
+        opt.step(closure)
+    assert len(norms) > 3 and len(set(norms)) == len(norms), "the closure must run several times per step"
+    assert max(norms) > 0.3, "the test must actually clip"
+    # bit-identical: the kit's coefficient is computed as clip_grad_norm_ computes it (LBFGS would
+    # amplify any rounding difference into a visible one within a few steps)
+    for p, q in zip(model.net.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)

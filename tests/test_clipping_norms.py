@@ -62,6 +62,35 @@ def test_clip_coefficient_matches_float64_torch_formula_and_propagates_nan():
     got = torch.stack([clip_coefficient(limit, n) for n in norms])
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
     assert (got < 1).any() and (got == 1).any()
+    # and bit-equal to torch's own float32 computation, so switching from Trainer(gradient_clip_val)
+    # to GradientClipping does not change a run
+    assert torch.equal(got, torch.stack([torch.clamp(limit / (n + 1e-6), max=1.0) for n in norms]))
     for bad in (math.inf, -math.inf, math.nan):
         assert torch.isnan(clip_coefficient(limit, torch.tensor(bad)))
         assert torch.isnan(clip_coefficient(torch.tensor(limit), torch.tensor(bad)))
+
+
+def test_a_gradient_replaced_within_a_step_gets_its_own_norm():
+    """The norms shared by the callbacks at one step are reused only for the very same gradients.
+
+    A gradient replaced within a step (LBFGS re-running its closure: zero_grad, then backward) is a
+    new tensor that often gets the freed one's address, so an id-keyed cache would hand back the
+    old norm.
+    """
+    import lightning.pytorch as pl
+
+    from lightning_optkit.callbacks._step_context import step_grad_norms
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = torch.optim.SGD([p], lr=0.1)
+    for scale in torch.rand(20).add(0.5).tolist():
+        p.grad = torch.randn(10)
+        _, (first,) = step_grad_norms(trainer, opt, 2.0)
+        assert first.item() == pytest.approx(p.grad.norm().item(), rel=1e-6)
+        p.grad = None
+        p.grad = torch.randn(10).mul_(scale)  # same step (global_step unchanged), a new gradient
+        _, (second,) = step_grad_norms(trainer, opt, 2.0)
+        assert second.item() == pytest.approx(p.grad.norm().item(), rel=1e-6)
+        again = step_grad_norms(trainer, opt, 2.0)[1][0]
+        assert again is second  # the same gradient: the norm is shared, not recomputed

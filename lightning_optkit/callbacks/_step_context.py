@@ -8,6 +8,7 @@ by the callbacks lives in this module, each with a comment saying why there is n
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,14 +162,15 @@ def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = fro
     return out
 
 
-# The norms of the optimizer step being processed: (key, {norm_type: norms of ALL its gradients}).
-# The first callback to ask at an optimizer step computes the norms of every gradient of the
-# optimizer, for every norm type any registered callback declares (``grad_norm_types``), before any
-# callback modifies a gradient; later callbacks (even after in-place clipping) take the subset they
-# need. The key names the optimizer, the step and the exact gradient tensors, so a stale entry is
-# never reused. One entry is enough: Lightning runs every callback for one optimizer step before
-# the next optimizer's.
-_STEP_NORMS: list[tuple[tuple, dict[float, list[torch.Tensor]]] | None] = [None]
+# The norms of the optimizer step being processed: (key, weak references to its gradients,
+# {norm_type: norms of ALL its gradients}). The first callback to ask at an optimizer step computes
+# the norms of every gradient of the optimizer, for every norm type any registered callback declares
+# (``grad_norm_types``), before any callback modifies a gradient; later callbacks (even after
+# in-place clipping) take the subset they need. An entry is reused only for the same optimizer and
+# step and the very same gradient tensors: ids alone are not enough, as a gradient replaced within a
+# step (LBFGS re-runs the closure; zero_grad then backward) can get a freed one's address. One entry
+# is enough: Lightning runs every callback for one optimizer step before the next optimizer's.
+_STEP_NORMS: list[tuple[tuple, list[weakref.ref], dict[float, list[torch.Tensor]]] | None] = [None]
 def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
     return [float(t) for cb in trainer.callbacks for t in getattr(cb, "grad_norm_types", ())]
 
@@ -186,12 +188,13 @@ def step_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_
     raw = getattr(optimizer, "optimizer", optimizer)
     params = grad_params(raw)
     grads = [p.grad for p in params]
-    key = (id(raw), trainer.global_step, *map(id, grads))  # the step and its gradient tensors (so the params)
+    key = (id(raw), trainer.global_step, len(grads))
     norm_type = float(norm_type)
     hit = _STEP_NORMS[0]
-    if hit is None or hit[0] != key:
-        hit = _STEP_NORMS[0] = (key, {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}})
-    by_type = hit[1]
+    if hit is None or hit[0] != key or not all(ref() is g for ref, g in zip(hit[1], grads)):
+        norms = {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}}
+        hit = _STEP_NORMS[0] = (key, [weakref.ref(g) for g in grads], norms)
+    by_type = hit[2]
     if norm_type not in by_type:  # undeclared norm type: computed now, on the gradients as they are
         by_type[norm_type] = tensor_norms(grads, norm_type)
     norms = by_type[norm_type]

@@ -373,3 +373,39 @@ def test_lbfgs_closure_reevaluations_are_each_clipped_with_their_own_norm(quiet_
     # amplify any rounding difference into a visible one within a few steps)
     for p, q in zip(model.net.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "momentum_sgd"])
+@pytest.mark.parametrize("first", [dict(algorithm="value", max_value=0.05), dict(max_norm=0.5)],
+                         ids=["value-then-norm", "norm-then-norm"])
+def test_a_second_clipper_sees_the_first_ones_result(kind, first, quiet_trainer_kwargs):
+    """Two GradientClipping callbacks compose: the second clips the gradient the first produced.
+
+    With the kit's MomentumSGD a global-norm coefficient is deferred to the optimizer's step instead
+    of applied to the gradients; the second clipper must count it (the reference is torch's SGD, which
+    MomentumSGD matches).
+    """
+    from lightning_optkit.optim import MomentumSGD
+
+    torch.manual_seed(0)
+    loader = make_loader()
+    model = Regressor("sgd" if kind == "momentum_sgd" else kind)
+    if kind == "momentum_sgd":
+        model.configure_optimizers = lambda: MomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
+    reference = copy.deepcopy(model.net)
+    second = GradientClipping(max_norm=0.2)
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=1,
+                         callbacks=[GradientClipping(**first), second])
+    trainer.fit(model, loader)
+
+    def both(ps):
+        if "max_value" in first:
+            torch.nn.utils.clip_grad_value_(ps, 0.05)
+        else:
+            torch.nn.utils.clip_grad_norm_(ps, 0.5)
+        return torch.nn.utils.clip_grad_norm_(ps, 0.2)
+
+    hand_loop(reference, loader, "sgd" if kind == "momentum_sgd" else kind, both, steps=4)
+    assert second.last_total_norm.item() > 0.2  # the second clipper had work to do
+    assert_params_close(model.net, reference)

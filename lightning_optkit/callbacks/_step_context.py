@@ -9,6 +9,7 @@ by the callbacks lives in this module, each with a comment saying why there is n
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ __all__ = [
     "LeanCallback",
     "active_scaler",
     "arm_fused_skip",
+    "current_grad_norms",
     "disarm_fused_skip",
     "ensure_unscaled",
     "grad_params",
@@ -30,6 +32,7 @@ __all__ = [
     "logger_step",
     "mark_scaler_skip",
     "metric_scope",
+    "note_grads_modified",
     "optimizer_index",
     "optimizer_labels",
     "refuse_sharded_strategy",
@@ -162,46 +165,101 @@ def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = fro
     return out
 
 
-# The norms of the optimizer step being processed: (key, weak references to its gradients,
-# {norm_type: norms of ALL its gradients}). The first callback to ask at an optimizer step computes
-# the norms of every gradient of the optimizer, for every norm type any registered callback declares
-# (``grad_norm_types``), before any callback modifies a gradient; later callbacks (even after
-# in-place clipping) take the subset they need. An entry is reused only for the same optimizer and
-# step and the very same gradient tensors: ids alone are not enough, as a gradient replaced within a
-# step (LBFGS re-runs the closure; zero_grad then backward) can get a freed one's address. One entry
-# is enough: Lightning runs every callback for one optimizer step before the next optimizer's.
-_STEP_NORMS: list[tuple[tuple, list[weakref.ref], dict[float, list[torch.Tensor]]] | None] = [None]
+@dataclass
+class _StepNorms:
+    """The gradient norms of the optimizer step being processed, shared by the callbacks.
+
+    ``pre`` holds, per norm type, the norms of ALL the optimizer's gradients before any callback
+    modified them (computed by the first callback to ask, for every norm type a registered callback
+    declares in ``grad_norm_types``). ``rescan`` and ``deferred`` record what clipping callbacks did
+    since: changed gradients in place, or deferred a scale to a kit optimizer's step.
+    """
+
+    key: tuple
+    refs: list[weakref.ref]
+    pre: dict[float, list[torch.Tensor]]
+    rescan: bool = False
+    deferred: torch.Tensor | None = None
+
+
+# One entry is enough: Lightning runs every callback for one optimizer step before the next
+# optimizer's. An entry is reused only for the same optimizer and step and the very same gradient
+# tensors: ids alone are not enough, as a gradient replaced within a step (LBFGS re-runs the
+# closure: zero_grad, then backward) can get a freed one's address.
+_STEP_NORMS: list[_StepNorms | None] = [None]
+
+
 def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
     return [float(t) for cb in trainer.callbacks for t in getattr(cb, "grad_norm_types", ())]
+
+
+def _step_entry(trainer: pl.Trainer, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
+                norm_type: float) -> _StepNorms:
+    key = (id(raw), trainer.global_step, len(grads))
+    entry = _STEP_NORMS[0]
+    if entry is None or entry.key != key or not all(ref() is g for ref, g in zip(entry.refs, grads)):
+        norms = {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}}
+        entry = _STEP_NORMS[0] = _StepNorms(key, [weakref.ref(g) for g in grads], norms)
+    if norm_type not in entry.pre:  # undeclared norm type: computed now, on the gradients as they are
+        entry.pre[norm_type] = tensor_norms(grads, norm_type)
+    return entry
+
+
+def _subset(params: list[torch.nn.Parameter], norms: list[torch.Tensor], skip_ids: frozenset[int]
+            ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    if not skip_ids:
+        return params, norms
+    kept = [i for i, p in enumerate(params) if id(p) not in skip_ids]
+    return [params[i] for i in kept], [norms[i] for i in kept]
 
 
 def step_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_type: float,
                     skip_ids: frozenset[int] = frozenset()
                     ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
-    """Parameters with a gradient (minus ``skip_ids``) and their pre-modification gradient norms.
+    """Parameters with a gradient (minus ``skip_ids``) and their norms before any callback modified them.
 
     Shared by all callbacks at one optimizer step: the first call computes the norms of all of
     ``optimizer``'s gradients (one foreach pass per norm type declared by a callback's
-    ``grad_norm_types``); later calls, whatever their parameter subset, reuse them. A callback that
-    modifies gradients in place must call this first.
+    ``grad_norm_types``); later calls, whatever their parameter subset, reuse them. What reports or
+    judges the gradient the backward produced (the guard, the monitor) reads these.
     """
     raw = getattr(optimizer, "optimizer", optimizer)
     params = grad_params(raw)
     grads = [p.grad for p in params]
-    key = (id(raw), trainer.global_step, len(grads))
-    norm_type = float(norm_type)
-    hit = _STEP_NORMS[0]
-    if hit is None or hit[0] != key or not all(ref() is g for ref, g in zip(hit[1], grads)):
-        norms = {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}}
-        hit = _STEP_NORMS[0] = (key, [weakref.ref(g) for g in grads], norms)
-    by_type = hit[2]
-    if norm_type not in by_type:  # undeclared norm type: computed now, on the gradients as they are
-        by_type[norm_type] = tensor_norms(grads, norm_type)
-    norms = by_type[norm_type]
-    if not skip_ids:
-        return params, norms
-    kept = [i for i, p in enumerate(params) if id(p) not in skip_ids]
-    return [params[i] for i in kept], [norms[i] for i in kept]
+    entry = _step_entry(trainer, raw, grads, float(norm_type))
+    return _subset(params, entry.pre[float(norm_type)], skip_ids)
+
+
+def current_grad_norms(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, norm_type: float,
+                       skip_ids: frozenset[int] = frozenset()
+                       ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    """Like :func:`step_grad_norms`, but of the gradients the optimizer will use as they stand now.
+
+    Equal to it until a callback modifies the gradients (see :func:`note_grads_modified`); after
+    that, a second clipping callback gets the norms of the already-clipped gradients, times any scale
+    an earlier one deferred to the optimizer.
+    """
+    raw = getattr(optimizer, "optimizer", optimizer)
+    params = grad_params(raw)
+    grads = [p.grad for p in params]
+    entry = _step_entry(trainer, raw, grads, float(norm_type))
+    norms = tensor_norms(grads, norm_type) if entry.rescan else entry.pre[float(norm_type)]
+    if entry.deferred is not None:
+        norms = [n * entry.deferred.to(n.device, n.dtype) for n in norms]
+    return _subset(params, norms, skip_ids)
+
+
+def note_grads_modified(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
+                        deferred_scale: torch.Tensor | None = None) -> None:
+    """Record that a callback changed the gradients in place, or deferred ``deferred_scale`` to the step."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    entry = _STEP_NORMS[0]
+    if entry is None or entry.key[:2] != (id(raw), trainer.global_step):
+        return  # nobody read norms at this step: nothing to keep in line
+    if deferred_scale is None:
+        entry.rescan = True
+    else:
+        entry.deferred = deferred_scale if entry.deferred is None else entry.deferred * deferred_scale
 
 
 # ------------------------------------------------------------------ AMP and skip flags

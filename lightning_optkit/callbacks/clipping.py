@@ -13,12 +13,13 @@ import torch
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    current_grad_norms,
     ensure_unscaled,
     is_logging_step,
     metric_scope,
+    note_grads_modified,
     optimizer_index,
     refuse_sharded_strategy,
-    step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError, closest
@@ -245,8 +246,9 @@ class GradientClipping(LeanCallback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Compute the pre-clip norm, clip, record and (on logging steps) log."""
         ensure_unscaled(trainer, optimizer)
-        # norms of all the optimizer's gradients, before anyone modifies them, shared with other callbacks
-        params, norms = step_grad_norms(trainer, optimizer, self.norm_type, self._excluded_ids)
+        # the norms of the gradients as they stand (shared with the other callbacks at this step; after
+        # another clipping callback, those of its result)
+        params, norms = current_grad_norms(trainer, optimizer, self.norm_type, self._excluded_ids)
         if not params:
             return
         device = params[0].grad.device
@@ -259,24 +261,26 @@ class GradientClipping(LeanCallback):
 
         if self.algorithm == "norm" and self.per == "global":
             coef = clip_coefficient(self.max_norm, total)
-            self._apply_global(raw, grads, coef)
+            self._apply_global(trainer, optimizer, grads, coef)
         elif self.algorithm == "norm":
             if self.per == "param":
                 coefs = [clip_coefficient(self.max_norm, n) for n in norms]
             else:
                 coefs = self._group_coefs(raw, params, norms, device)
             _mul_grads_(grads, coefs)
+            note_grads_modified(trainer, optimizer)
             post = combine_norms([c * n for c, n in zip(coefs, norms, strict=True)], self.norm_type, device)
             coef = post / (total + _EPS)
         elif self.algorithm in ("zscore", "quantile"):
             threshold = self._adaptive_threshold(idx, total, device)
             coef = clip_coefficient(threshold, total)
-            self._apply_global(raw, grads, coef)
+            self._apply_global(trainer, optimizer, grads, coef)
         else:  # value, agc: element/unit-wise, the effective coefficient needs a post-clip norm
             if self.algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, self.max_value)
             else:
                 self._agc(params)
+            note_grads_modified(trainer, optimizer)
             coef = None
             if logging or self.last_clip_coef is None:
                 post = combine_norms(tensor_norms(grads, self.norm_type), self.norm_type, device)
@@ -299,12 +303,15 @@ class GradientClipping(LeanCallback):
         flush_step_metrics(trainer)
 
     # ------------------------------------------------------------------ algorithms
-    def _apply_global(self, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
+    def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
                       coef: torch.Tensor) -> None:
+        raw = getattr(optimizer, "optimizer", optimizer)
         if accepts_step_modifiers(raw) and not self._excluded_ids:
             raw.defer_grad_scale(coef)  # applied by the kit optimizer's step (fused: inside the update)
+            note_grads_modified(trainer, optimizer, deferred_scale=coef)
         else:
             _scale_grads_(grads, coef)
+            note_grads_modified(trainer, optimizer)
 
     def _group_coefs(self, raw: torch.optim.Optimizer, params: list[torch.Tensor],
                      norms: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -55,3 +55,58 @@ def test_lightning_callbacks_can_monitor_the_logged_norm(quiet_trainer_kwargs):
                          callbacks=[GradientClipping(max_norm=0.5), stop])
     trainer.fit(Regressor(), make_loader())
     assert trainer.current_epoch == 1 and stop.stopped_epoch == 0  # stopped after the first epoch's check
+
+
+class ReadsNormAtBatchEnd(pl.Callback):
+    """A user's callback, listed before the clipping callback, acting on the logged norm at batch end."""
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        value = trainer.callback_metrics.get("grad_clip/total_norm")
+        self.seen.append(None if value is None else value.item())
+
+
+def test_values_are_visible_to_callbacks_later_in_the_same_batch(quiet_trainer_kwargs):
+    torch.manual_seed(0)
+    loader = make_loader()
+    model = Regressor("sgd")
+    reference = copy.deepcopy(model.net)
+    reader = ReadsNormAtBatchEnd()
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=1,
+                         callbacks=[reader, GradientClipping(max_norm=0.5)])
+    trainer.fit(model, loader)
+    norms = hand_loop(reference, loader, "sgd", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), steps=4)
+    assert reader.seen == pytest.approx(norms, rel=1e-5)  # this step's norm, not the previous one
+    assert set(KEYS[:2]) <= set(trainer.logged_metrics)
+
+
+class StopsAfterTheStep(pl.Callback):
+    """Stops the fit from on_train_batch_end, as Lightning's Timer does, on a batch that would not log."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stopper_first", [True, False])
+def test_a_stop_decided_after_the_step_still_writes_that_batchs_row(tmp_path, quiet_trainer_kwargs, stopper_first):
+    torch.manual_seed(0)
+    loader = make_loader()
+    model = Regressor("sgd")
+    reference = copy.deepcopy(model.net)
+    logger = CSVLogger(str(tmp_path))
+    kit = [GradientClipping(max_norm=0.5), NonFiniteGuard()]
+    callbacks = [StopsAfterTheStep(), *kit] if stopper_first else [*kit, StopsAfterTheStep()]
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=20, log_every_n_steps=50,
+                         callbacks=callbacks)
+    trainer.fit(model, loader)
+    norms = hand_loop(reference, loader, "sgd", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), steps=3)
+    merged: dict[int, dict[str, float]] = {}  # one row per step, whichever callback wrote which key
+    for row in read_rows(logger):
+        merged.setdefault(int(row["step"]), {}).update(row)
+    assert list(merged) == [2]  # the stop batch, as Lightning logs it
+    assert set(KEYS) <= set(merged[2])
+    assert merged[2]["grad_clip/total_norm"] == pytest.approx(norms[2], rel=1e-5)
+    assert trainer.callback_metrics["grad_clip/total_norm"].item() == pytest.approx(norms[2], rel=1e-5)

@@ -3,9 +3,9 @@
 Private to :mod:`lightning_optkit.callbacks`. GradientClipping and NonFiniteGuard record their values
 here during ``on_before_optimizer_step`` (a later value of a key replaces the earlier one, so with
 several steps in a batch the last step wins, as with ``self.log``) and flush them in
-``on_train_batch_end``: the values go into ``trainer.callback_metrics`` (so EarlyStopping,
-ModelCheckpoint and plateau schedules can monitor them) and, with one ``tolist()``, to every logger's
-``log_metrics`` at the step Lightning's own rows use.
+``on_train_batch_end`` with one ``tolist()`` to every logger's ``log_metrics``, at the step Lightning's
+own rows use. On recording they are also put in ``trainer.callback_metrics`` (so EarlyStopping,
+ModelCheckpoint, plateau schedules and later callbacks can read them) and ``trainer.logged_metrics``.
 
 Why not ``pl_module.log``: on this kind of loop it costs about 0.7-1 ms per call on a CPU (Lightning
 moves the stored result's whole state to the value's device on every call) and keeps every logged key
@@ -36,27 +36,30 @@ class _Row:
 _ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
-    """Queue 0-d tensors for the current batch's row (no host sync; copies, so later in-place edits don't leak)."""
-    step = logger_step(trainer)
+def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor], step: int | None = None) -> None:
+    """Queue 0-d tensors for the current batch's row and put them in ``trainer.callback_metrics`` and
+    ``trainer.logged_metrics`` (no host sync; copies, so later in-place edits don't leak). ``step``
+    defaults to the current batch's logging step."""
+    step = logger_step(trainer) if step is None else step
     row = _ROWS.get(trainer)
     if row is not None and row.step != step:  # left over from a batch that did not reach its end
         flush_step_metrics(trainer)
         row = None
     if row is None:
         row = _ROWS[trainer] = _Row(step)
-    row.values.update({key: value.detach().reshape(()).clone() for key, value in values.items()})
+    copies = {key: value.detach().reshape(()).clone() for key, value in values.items()}
+    row.values.update(copies)
+    # visible at once, as self.log's values are, to callbacks that run later in this batch
+    trainer.callback_metrics.update(copies)
+    trainer.logged_metrics.update(copies)
 
 
 def flush_step_metrics(trainer: pl.Trainer) -> None:
-    """Write the queued row, if any: ``trainer.callback_metrics``, then every logger, one host transfer."""
+    """Write the queued row, if any, to every logger with one host transfer."""
     if not _ROWS:  # the common case, every step that does not log: nothing to do
         return
     row = _ROWS.pop(trainer, None)
-    if row is None or not row.values:
-        return
-    trainer.callback_metrics.update(row.values)
-    if not trainer.loggers:
+    if row is None or not row.values or not trainer.loggers:
         return
     device = next(iter(row.values.values())).device
     tensors = [v if v.device == device else v.to(device) for v in row.values.values()]

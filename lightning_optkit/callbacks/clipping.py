@@ -16,6 +16,7 @@ from lightning_optkit.callbacks._step_context import (
     current_grad_norms,
     ensure_unscaled,
     is_logging_step,
+    logger_step,
     metric_scope,
     note_grads_modified,
     optimizer_index,
@@ -194,6 +195,9 @@ class GradientClipping(LeanCallback):
         self.last_threshold: torch.Tensor | None = None
         self._states: dict[int, RunningNormStats | NormHistory] = {}
         self._excluded_ids: frozenset[int] = frozenset()
+        # optimizer index -> (optimizer, total norm, coefficient, threshold) of its last step not yet logged
+        self._batch_steps: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        self._recorded = False  # this batch's values were recorded in on_before_optimizer_step
 
     @property
     def state_key(self) -> str:
@@ -291,16 +295,40 @@ class GradientClipping(LeanCallback):
         if coef is not None:
             self.last_clip_coef = coef
         self.last_threshold = threshold
+        self._batch_steps[idx] = (optimizer, total, coef, threshold)  # references only: no device work
         if logging:
-            scope = metric_scope(trainer, optimizer)
-            values = {f"grad_clip/{scope}total_norm": total, f"grad_clip/{scope}clip_coef": self.last_clip_coef}
-            if threshold is not None:
-                values[f"grad_clip/{scope}threshold"] = threshold
-            record_step_metrics(trainer, values)
+            self._record(trainer, optimizer, total, self.last_clip_coef, threshold)
+            self._recorded = True
+
+    def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, total: torch.Tensor,
+                coef: torch.Tensor | None, threshold: torch.Tensor | None, step: int | None = None) -> None:
+        scope = metric_scope(trainer, optimizer)
+        values = {f"grad_clip/{scope}total_norm": total}
+        if coef is not None:
+            values[f"grad_clip/{scope}clip_coef"] = coef
+        if threshold is not None:
+            values[f"grad_clip/{scope}threshold"] = threshold
+        record_step_metrics(trainer, values, step=step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Write the values recorded on this logging batch (one row, one host transfer)."""
+        if self._recorded:
+            self._batch_steps.clear()  # logged: nothing left for a late row
+            self._recorded = False
         flush_step_metrics(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the last batch when the Trainer was told to stop after its optimizer step.
+
+        Lightning writes its row for the batch it stops at even when the stop came after the step
+        (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
+        """
+        if trainer.should_stop and self._batch_steps:
+            step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
+            for optimizer, total, coef, threshold in self._batch_steps.values():
+                self._record(trainer, optimizer, total, coef, threshold, step=step)
+            flush_step_metrics(trainer)
+        self._batch_steps.clear()
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],

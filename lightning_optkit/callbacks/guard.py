@@ -16,6 +16,7 @@ from lightning_optkit.callbacks._step_context import (
     ensure_unscaled,
     is_fused_amp_optimizer,
     is_logging_step,
+    logger_step,
     mark_scaler_skip,
     metric_scope,
     optimizer_index,
@@ -138,6 +139,8 @@ class NonFiniteGuard(LeanCallback):
         self.last_skip: torch.Tensor | None = None
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
+        self._batch_steps: dict[int, torch.optim.Optimizer] = {}  # optimizer index -> optimizer, not yet logged
+        self._recorded = False  # this batch's counters were recorded in on_before_optimizer_step
 
     @property
     def state_key(self) -> str:
@@ -212,10 +215,16 @@ class NonFiniteGuard(LeanCallback):
         elif logging or track.unchecked >= self.max_consecutive_skips:
             track.unchecked = 0
             self._check_consecutive(trainer, idx, int(track.consecutive))  # the amortised host sync
+        self._batch_steps[idx] = optimizer
         if logging:
-            scope = metric_scope(trainer, optimizer)
-            record_step_metrics(trainer, {f"guard/{scope}skipped_steps": track.skipped,
-                                          f"guard/{scope}consecutive_skips": track.consecutive})
+            self._record(trainer, optimizer, track)
+            self._recorded = True
+
+    def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, track: _OptimizerTrack,
+                step: int | None = None) -> None:
+        scope = metric_scope(trainer, optimizer)
+        record_step_metrics(trainer, {f"guard/{scope}skipped_steps": track.skipped,
+                                      f"guard/{scope}consecutive_skips": track.consecutive}, step=step)
 
     def _check_consecutive(self, trainer: pl.Trainer, idx: int, run: int) -> None:
         if run >= self.max_consecutive_skips:
@@ -243,6 +252,9 @@ class NonFiniteGuard(LeanCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
+        if self._recorded:
+            self._batch_steps.clear()  # logged: nothing left for a late row
+            self._recorded = False
         flush_step_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -250,8 +262,18 @@ class NonFiniteGuard(LeanCallback):
         self._check_all(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Clean up flags (if a batch was interrupted), then check the skip runs a last time."""
+        """Clean up flags (if a batch was interrupted), log a stop batch, then check the skip runs a last time.
+
+        Lightning writes its row for the batch it stops at even when the stop came after the step
+        (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
+        """
         self._disarm()
+        if trainer.should_stop and self._batch_steps:
+            step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
+            for idx, optimizer in self._batch_steps.items():
+                self._record(trainer, optimizer, self._tracks[idx], step=step)
+            flush_step_metrics(trainer)
+        self._batch_steps.clear()
         self._check_all(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -144,8 +144,10 @@ class OptimizerMonitor(LeanCallback):
 
     Every ``every_n_steps`` optimizer steps (default: ``Trainer(log_every_n_steps)``), on the same
     batches and step axis as Lightning's own ``self.log`` rows (and, like them, on the batch the
-    Trainer was told to stop at). Norms are 2-norms computed with batched
-    foreach kernels, kept on device, and moved to the host in one transfer per logging step; steps that
+    Trainer was told to stop at, when the stop is decided before the optimizer step, e.g. in
+    ``training_step``; a stop decided after it, as Timer's, comes too late for the update norm, which
+    needs the parameters from before the step). Norms are 2-norms computed with batched foreach
+    kernels, kept on device, and moved to the host in one transfer per logging step; steps that
     do not log cost no host sync, no kernel and no extra memory. Update norms need the parameters from
     before the step, so they are copied, on logging steps only (one extra copy of the parameters, freed
     at the end of the batch). Works with automatic and manual optimization (several optimizers) and

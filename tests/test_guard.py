@@ -310,3 +310,14 @@ def test_counters_and_spike_stats_resume_from_checkpoint(quiet_trainer_kwargs, t
     for name in ("mean", "var", "count"):
         assert torch.equal(loaded["stats"][name], saved["stats"][name])
     assert trainer.callback_metrics["guard/skipped_steps"].item() == 1
+
+
+def test_a_new_fit_with_the_same_guard_counts_from_zero(quiet_trainer_kwargs):
+    """Callback instances reused by a second Trainer: the first fit's skips are not the second's."""
+    guard = NonFiniteGuard()
+    first = pl.Trainer(**quiet_trainer_kwargs, max_steps=6, log_every_n_steps=1, callbacks=[guard])
+    first.fit(Regressor("adamw", bad_batches=(1, 3)), make_loader())
+    assert first.callback_metrics["guard/skipped_steps"].item() == 2
+    second = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=1, callbacks=[guard])
+    second.fit(Regressor("adamw"), make_loader())
+    assert second.callback_metrics["guard/skipped_steps"].item() == 0

@@ -217,11 +217,17 @@ class GradientClipping(LeanCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse ``Trainer(gradient_clip_val=...)`` and sharded strategies; resolve ``exclude`` patterns."""
+        """Refuse ``Trainer(gradient_clip_val=...)`` and sharded strategies, start a fit's state afresh and
+        resolve ``exclude`` patterns."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "GradientClipping", "remove GradientClipping and set "
                                     "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
                                     "own sharded clip_grad_norm_ (or use strategy='ddp')")
+            # a new fit starts fresh; resuming from a checkpoint restores the state after setup
+            self._states = {}
+            self.last_total_norm = self.last_clip_coef = self.last_threshold = None
+            self._batch_steps.clear()
+            self._recorded = False
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val is not None and clip_val != 0:
             raise SpecError("Trainer(gradient_clip_val)", clip_val,

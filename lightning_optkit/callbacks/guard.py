@@ -153,11 +153,16 @@ class NonFiniteGuard(LeanCallback):
         return (self.norm_type,)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse sharded strategies: each rank would decide its skip from its own shard's norm."""
+        """Refuse sharded strategies (each rank would decide its skip from its own shard's norm) and start
+        the counters of a new fit at zero (resuming from a checkpoint restores them after setup)."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "NonFiniteGuard", "remove NonFiniteGuard, or train with "
                                     "strategy='ddp' (there every rank sees the reduced gradients and decides "
                                     "alike)")
+            self._tracks = {}
+            self.last_skip = None
+            self._batch_steps.clear()
+            self._recorded = False
 
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:

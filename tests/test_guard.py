@@ -321,3 +321,30 @@ def test_a_new_fit_with_the_same_guard_counts_from_zero(quiet_trainer_kwargs):
     second = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=1, callbacks=[guard])
     second.fit(Regressor("adamw"), make_loader())
     assert second.callback_metrics["guard/skipped_steps"].item() == 0
+
+
+@pytest.mark.parametrize("order", ["guard-first", "guard-last"])
+def test_a_skipped_step_is_logged_alike_whatever_the_callback_order(order, quiet_trainer_kwargs, tmp_path):
+    """Clipping and the monitor report the broken step's NaN norm even when the guard is listed first.
+
+    With a plain torch optimizer the guard skips by setting the gradients to None, so it must run after
+    every callback that reads them; it moves itself there at setup.
+    """
+    from lightning_optkit.callbacks.clipping import GradientClipping
+    from lightning_optkit.callbacks.monitor import OptimizerMonitor
+
+    guard, clip, monitor = NonFiniteGuard(), GradientClipping(max_norm=1.0), OptimizerMonitor(per_layer=False)
+    callbacks = [guard, clip, monitor] if order == "guard-first" else [clip, monitor, guard]
+    logger = CSVLogger(tmp_path, name="order")
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=5, log_every_n_steps=1,
+                         callbacks=callbacks)
+    trainer.fit(Regressor("adamw", bad_batches=(3,)), make_loader())
+    assert trainer.callbacks.index(guard) > max(trainer.callbacks.index(clip), trainer.callbacks.index(monitor))
+    merged: dict[int, dict[str, str]] = {}
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            merged.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v != ""})
+    assert sorted(merged) == [0, 1, 2, 3, 4]
+    assert math.isnan(float(merged[3]["grad_clip/total_norm"])) and math.isnan(float(merged[3]["grad_norm/total"]))
+    assert all(math.isfinite(float(merged[s]["grad_clip/total_norm"])) for s in (0, 1, 2, 4))
+    assert float(merged[4]["guard/skipped_steps"]) == 1

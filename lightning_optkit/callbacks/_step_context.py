@@ -36,6 +36,7 @@ __all__ = [
     "optimizer_index",
     "optimizer_labels",
     "refuse_sharded_strategy",
+    "run_after_gradient_readers",
     "step_grad_norms",
 ]
 
@@ -67,6 +68,25 @@ class LeanCallback(Callback):
             if getattr(cls, name) is getattr(Callback, name):
                 setattr(self, name, None)
         return self
+
+
+# ------------------------------------------------------------------ callback order
+def run_after_gradient_readers(trainer: pl.Trainer, callback: Callback) -> None:
+    """Move ``callback`` just behind the last other callback that reads gradients at the optimizer step.
+
+    Gradient readers declare ``reads_gradients = True`` (GradientClipping, OptimizerMonitor). The
+    Trainer's list is replaced, not edited, so a hook loop Lightning is running over the old list
+    (this is called from ``setup``) still visits every callback once; Lightning itself replaces the
+    list when it adds a module's ``configure_callbacks``.
+    """
+    callbacks = list(trainer.callbacks)
+    if not any(cb is callback for cb in callbacks):
+        return  # set up by hand or by a wrapping callback: its order is not ours to change
+    readers = [i for i, cb in enumerate(callbacks) if cb is not callback and getattr(cb, "reads_gradients", False)]
+    here = next(i for i, cb in enumerate(callbacks) if cb is callback)
+    if readers and readers[-1] > here:
+        callbacks.insert(readers[-1], callbacks.pop(here))  # popping first shifts the last reader down one
+        trainer.callbacks = callbacks
 
 
 # ------------------------------------------------------------------ strategies

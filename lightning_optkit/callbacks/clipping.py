@@ -129,6 +129,9 @@ class GradientClipping(LeanCallback):
     The adaptive state (zscore/quantile) is saved in and restored from checkpoints.
     """
 
+    #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
+    reads_gradients = True
+
     def __init__(self, max_norm: float | None = None, *, algorithm: str = "norm", norm_type: float = 2.0,
                  max_value: float | None = None, per: str = "global", exclude: Sequence[str] = (),
                  **algorithm_kwargs: Any) -> None:

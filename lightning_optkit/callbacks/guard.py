@@ -22,6 +22,7 @@ from lightning_optkit.callbacks._step_context import (
     optimizer_index,
     optimizer_labels,
     refuse_sharded_strategy,
+    run_after_gradient_readers,
     step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
@@ -163,6 +164,9 @@ class NonFiniteGuard(LeanCallback):
             self.last_skip = None
             self._batch_steps.clear()
             self._recorded = False
+            # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
+            # must still see (and log) the broken step's gradients
+            run_after_gradient_readers(trainer, self)
 
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:

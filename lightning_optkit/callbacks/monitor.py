@@ -204,6 +204,9 @@ class OptimizerMonitor(LeanCallback):
     ``value``/``agc`` refresh it on Lightning's logging steps only).
     """
 
+    #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
+    reads_gradients = True
+
     def __init__(
         self,
         every_n_steps: int | None = None,

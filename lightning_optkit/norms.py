@@ -1,8 +1,9 @@
 """Batched gradient/parameter norms with foreach ops and no host sync.
 
-Every result stays on the tensors' device, in float32, so callers can combine norms into clip
-coefficients or skip flags without a ``.item()``. Tensors are grouped by (device, dtype) so each
-group is one ``torch._foreach_norm`` launch.
+Every result stays on the tensors' device, in float32 (float64 for float64 tensors, as torch's own
+clipping computes them, so a float64 run neither overflows at 3.4e38 nor rounds differently), so
+callers can combine norms into clip coefficients or skip flags without a ``.item()``. Tensors are
+grouped by (device, dtype) so each group is one ``torch._foreach_norm`` launch.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def _one_group(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> list[torch.Tensor]:
-    """The p-norm of each tensor as a 0-d float32 tensor on that tensor's device, in input order.
+    """The p-norm of each tensor as a 0-d tensor on that tensor's device, in input order.
 
-    One ``torch._foreach_norm`` per (device, dtype) group; low-precision inputs are normed in
-    float32 so bf16/fp16 gradients do not overflow or lose precision.
+    One ``torch._foreach_norm`` per (device, dtype) group; float64 inputs give float64 norms, all others
+    float32 (bf16/fp16 gradients are normed in float32 so they do not overflow or lose precision).
     """
     norm_type = check_norm_type(norm_type)
     tensors = list(tensors)  # gradients never require grad; foreach_norm reads them as they are
@@ -78,7 +79,7 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> lis
 
 def _group_norms(group: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
     dtype = group[0].dtype
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return list(torch._foreach_norm(group, norm_type))
     if dtype in (torch.float16, torch.bfloat16):
         return list(torch._foreach_norm(group, norm_type, dtype=torch.float32))
@@ -87,15 +88,17 @@ def _group_norms(group: list[torch.Tensor], norm_type: float) -> list[torch.Tens
 
 def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
                   device: torch.device | None = None) -> torch.Tensor:
-    """Combine per-tensor p-norms into the p-norm of their concatenation (0-d float32 on ``device``)."""
+    """Combine per-tensor p-norms into the p-norm of their concatenation (0-d on ``device``; float64 if
+    any input is, else float32)."""
     norm_type = check_norm_type(norm_type)
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
     device = device if device is not None else norms[0].device
-    if norms[0].device == device and _one_group(norms) and norms[0].dtype == torch.float32:
+    if norms[0].device == device and _one_group(norms) and norms[0].dtype in (torch.float32, torch.float64):
         stacked = torch.stack(list(norms))
     else:
-        stacked = torch.stack([n.to(device, torch.float32) for n in norms])
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        stacked = torch.stack([n.to(device, dtype) for n in norms])
     if math.isinf(norm_type):
         return stacked.max()
     return torch.linalg.vector_norm(stacked, norm_type)
@@ -103,7 +106,7 @@ def combine_norms(norms: Sequence[torch.Tensor], norm_type: float = 2.0,
 
 def total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
                device: torch.device | None = None) -> torch.Tensor:
-    """The p-norm of all ``tensors`` viewed as one vector, as a 0-d float32 device tensor.
+    """The p-norm of all ``tensors`` viewed as one vector, as a 0-d device tensor (float64 if any is).
 
     Matches ``torch.nn.utils.get_total_norm`` (inf-norm: the max absolute value; NaN/inf
     propagate). ``device`` defaults to the first tensor's device; an empty input gives 0.

@@ -409,3 +409,25 @@ def test_a_second_clipper_sees_the_first_ones_result(kind, first, quiet_trainer_
     hand_loop(reference, loader, "sgd" if kind == "momentum_sgd" else kind, both, steps=4)
     assert second.last_total_norm.item() > 0.2  # the second clipper had work to do
     assert_params_close(model.net, reference)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e40], ids=["ordinary", "beyond-float32-range"])
+def test_float64_training_clips_exactly_as_torch(scale, quiet_trainer_kwargs):
+    """precision="64-true": norms and coefficient in float64, as clip_grad_norm_ computes them.
+
+    A float64 gradient norm of 1e40 is finite; a float32 norm would overflow to inf and turn the clipped
+    gradients into NaN.
+    """
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 8).double(), torch.randn(48, 4).double() * 3.0 * scale
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = Regressor("sgd")
+    reference = copy.deepcopy(model.net).double()
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, precision="64-true",
+                         callbacks=[GradientClipping(max_norm=0.5)])
+    trainer.fit(model, loader)
+    norms = hand_loop(reference, loader, "sgd", lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), steps=4)
+    assert max(norms) > 0.5
+    for p, q in zip(model.net.parameters(), reference.parameters(), strict=True):
+        assert p.dtype == torch.float64 and torch.isfinite(p).all()
+        assert torch.equal(p, q)

@@ -17,10 +17,11 @@ def test_total_norm_matches_float64_reference(p):
     flat = torch.cat([t.double().flatten() for t in tensors])
     expected = torch.linalg.vector_norm(flat, p)
     got = total_norm(tensors, p)
-    assert got.dtype == torch.float32 and got.ndim == 0
+    assert got.dtype == torch.float64 and got.ndim == 0  # one input is float64: so is the total
+    assert total_norm([t.float() for t in tensors], p).dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
-    torch.testing.assert_close(got, torch.nn.utils.get_total_norm([t.float() for t in tensors], p), rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(got.float(), torch.nn.utils.get_total_norm([t.float() for t in tensors], p),
+                               rtol=1e-6, atol=0)
     for t, n in zip(tensors, tensor_norms(tensors, p), strict=True):
         torch.testing.assert_close(n.double(), torch.linalg.vector_norm(t.double(), p), rtol=1e-5, atol=0)
 

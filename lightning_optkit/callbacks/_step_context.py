@@ -59,7 +59,10 @@ class LeanCallback(Callback):
     ``_call_callback_hooks``) skips a hook attribute that is not callable; there is no public way to
     declare the hooks a callback uses, so each instance gets ``None`` for the per-batch hooks its
     class does not override. Overrides in subclasses are kept, and ``super().on_...()`` still
-    resolves to Callback's methods.
+    resolves to Callback's methods. The one visible difference: calling such a hook on the instance
+    directly (``callback.on_train_batch_start(...)``) raises TypeError; code that forwards hooks to
+    other callbacks should check ``callable()`` first, as Lightning does. Measured on the monitor
+    benchmark (2.4 ms steps, clipping + monitor): 1.014x with, 1.027x without.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> LeanCallback:

@@ -277,8 +277,9 @@ def note_grads_modified(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
     """Record that a callback changed the gradients in place, or deferred ``deferred_scale`` to the step."""
     raw = getattr(optimizer, "optimizer", optimizer)
     entry = _STEP_NORMS[0]
-    if entry is None or entry.key[:2] != (id(raw), trainer.global_step):
+    if entry is None or entry.key[0] != id(raw):
         return  # nobody read norms at this step: nothing to keep in line
+    # the caller read this step's entry just before modifying: no need to check the step again
     if deferred_scale is None:
         entry.rescan = True
     else:

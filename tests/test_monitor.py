@@ -435,3 +435,28 @@ def test_several_steps_per_batch_report_the_last_grad_and_the_update_over_the_ba
         assert row["update_norm/total"] == pytest.approx(change, rel=REL)
         assert row["grad_norm/layer/net.2"] == pytest.approx(
             norm(rec["grads"][-1][n] for n in ("net.2.weight", "net.2.bias")), rel=REL)
+
+
+def test_clipped_norm_is_the_result_of_every_clipping_callback(tmp_path, quiet_trainer_kwargs):
+    """Value clipping then norm clipping: total_clipped is the norm the optimizer finally gets."""
+
+    class FinalNorm(Callback):
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()]).item())
+
+    final = FinalNorm()
+    logger = CSVLogger(str(tmp_path))
+    callbacks = [OptimizerMonitor(norms="grad", per_layer=False), GradientClipping(algorithm="value", max_value=0.02),
+                 GradientClipping(max_norm=0.05), final]
+    trainer = Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=4, log_every_n_steps=1,
+                      callbacks=callbacks)
+    trainer.fit(Net())
+    rows = [r for r in read_csv_rows(logger) if "grad_norm/total_clipped" in r]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    for row, norm in zip(rows, final.norms, strict=True):
+        assert row["grad_norm/total_clipped"] == pytest.approx(norm, rel=REL)
+        assert row["grad_norm/clip_coef"] == pytest.approx(norm / row["grad_norm/total"], rel=REL)
+    assert any(n == pytest.approx(0.05, rel=1e-5) for n in final.norms), final.norms  # the norm clip acted

@@ -30,15 +30,12 @@ __all__ = ["OptimizerMonitor"]
 NORM_NAMES = ("grad", "param", "update")
 
 
-def _find_clipping_callback(trainer: pl.Trainer) -> Callback | None:
-    """The first callback exposing ``last_total_norm`` and ``last_clip_coef`` (e.g. GradientClipping).
+def _find_clipping_callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """The callbacks exposing ``last_total_norm`` and ``last_clip_coef`` (e.g. GradientClipping), in order.
 
     Detected by attribute names, so this module does not import the clipping callback.
     """
-    for cb in trainer.callbacks:
-        if hasattr(cb, "last_total_norm") and hasattr(cb, "last_clip_coef"):
-            return cb
-    return None
+    return [cb for cb in trainer.callbacks if hasattr(cb, "last_total_norm") and hasattr(cb, "last_clip_coef")]
 
 
 def _run_before(callbacks: list[Callback], first: Callback, other: Callback) -> None:
@@ -97,7 +94,7 @@ class _PendingStep:
     param_norms: list[torch.Tensor] = field(default_factory=list)
     snapshot: list[torch.Tensor] | None = None
     clip_coef: torch.Tensor | None = None
-    coef_before: Any = None  # the clipping callback's last_clip_coef before this step, to spot a stale one
+    coefs_before: list[Any] = field(default_factory=list)  # each clipper's last_clip_coef before this step
 
 
 class _OneTransfer:
@@ -193,15 +190,17 @@ class OptimizerMonitor(LeanCallback):
     ===================================  ===========================================================
 
     Gradient norms are pre-clip whatever the callback order: at setup the monitor moves itself just
-    ahead of a gradient-clipping callback (one exposing ``last_total_norm`` and ``last_clip_coef``,
-    e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms computed here.
+    ahead of the first gradient-clipping callback (one exposing ``last_total_norm`` and
+    ``last_clip_coef``, e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms
+    computed here.
     If an optimizer steps several times in one batch (manual optimization, e.g. an n-critic loop):
     ``grad_norm``, ``lr``/``momentum``/``weight_decay`` and the clip keys are those of its last step
     in the batch; ``param_norm`` is from before its first step and ``update_norm`` is the total change
     over the batch (all its steps), so ``update_ratio`` is the relative change over the batch.
-    ``total_clipped`` and ``clip_coef`` come from the clipping callback's ``last_clip_coef`` and are
-    left out when it did not set a new one during the logged step (GradientClipping's
-    ``value``/``agc`` refresh it on Lightning's logging steps only).
+    ``total_clipped`` and ``clip_coef`` come from the clipping callbacks' ``last_clip_coef`` (with
+    several, their product: the overall coefficient) and are left out when one did not set a new one
+    during the logged step (GradientClipping's ``value``/``agc`` refresh it on Lightning's logging
+    steps only).
     """
 
     #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
@@ -240,7 +239,7 @@ class OptimizerMonitor(LeanCallback):
         self._names: dict[int, str] = {}  # id(param) -> full parameter name
         self._pending: dict[int, _PendingStep] = {}
         self._pending_step = -1  # logger step of the batch the pending records belong to
-        self._clip: Callback | None = None
+        self._clips: list[Callback] = []
         self._awaiting_clip: _PendingStep | None = None
         self._wandb_loggers: list[Any] = []
 
@@ -269,9 +268,9 @@ class OptimizerMonitor(LeanCallback):
                            "which turns logging off: the monitor will log nothing. "
                            "Pass every_n_steps to log anyway.")
         self._active = trainer.global_rank == 0 and self._every >= 1
-        self._clip = _find_clipping_callback(trainer)
-        if self._clip is not None:
-            _run_before(trainer.callbacks, self, self._clip)
+        self._clips = _find_clipping_callbacks(trainer)
+        if self._clips:
+            _run_before(trainer.callbacks, self, self._clips[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name every optimizer, group and parameter (host-side, once)."""
@@ -332,10 +331,16 @@ class OptimizerMonitor(LeanCallback):
     def _harvest_clip(self) -> None:
         """Attach the clip coefficient of the step recorded last (the clipping callback ran since)."""
         pending, self._awaiting_clip = self._awaiting_clip, None
-        if pending is not None and self._clip is not None:
-            coef = getattr(self._clip, "last_clip_coef", None)
-            if isinstance(coef, torch.Tensor) and coef is not pending.coef_before:  # set during this step
-                pending.clip_coef = coef.detach().clone()  # the callback may update it in place later
+        if pending is None or not self._clips:
+            return
+        coefs = [getattr(clip, "last_clip_coef", None) for clip in self._clips]
+        # every clipper set a new coefficient during this step: the product is the overall one (each is
+        # its own post/pre ratio, and each clipper starts from the one before's result)
+        if all(isinstance(c, torch.Tensor) and c is not b for c, b in zip(coefs, pending.coefs_before, strict=True)):
+            total = coefs[0].detach().clone()  # a copy: the callback may update its tensor in place later
+            for c in coefs[1:]:
+                total = total * c.detach().to(total.device)
+            pending.clip_coef = total
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -367,9 +372,9 @@ class OptimizerMonitor(LeanCallback):
                 with_grad, pending.grad_norms = step_grad_norms(trainer, raw, 2.0)
                 pending.grad_layers = [pending.plan.layer_of.get(id(p), "unregistered") for p in with_grad]
         self._pending[id(raw)] = pending
-        if self._clip is not None:
+        if self._clips:
             self._awaiting_clip = pending
-            pending.coef_before = getattr(self._clip, "last_clip_coef", None)
+            pending.coefs_before = [getattr(clip, "last_clip_coef", None) for clip in self._clips]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

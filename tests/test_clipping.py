@@ -376,43 +376,55 @@ def test_lbfgs_closure_reevaluations_are_each_clipped_with_their_own_norm(quiet_
 
 
 
+CHAINS = {
+    "value-then-norm": (dict(algorithm="value", max_value=0.05), dict(max_norm=0.2)),
+    "norm-then-norm": (dict(max_norm=0.5), dict(max_norm=0.2)),
+    "norm-then-value": (dict(max_norm=0.5), dict(algorithm="value", max_value=0.02)),
+}
+
+
+def _torch_clip(options: dict, ps) -> None:
+    if options.get("algorithm") == "value":
+        torch.nn.utils.clip_grad_value_(ps, options["max_value"])
+    else:
+        torch.nn.utils.clip_grad_norm_(ps, options["max_norm"])
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam", "momentum_sgd"])
-@pytest.mark.parametrize("first", [dict(algorithm="value", max_value=0.05), dict(max_norm=0.5)],
-                         ids=["value-then-norm", "norm-then-norm"])
-def test_a_second_clipper_sees_the_first_ones_result(kind, first, quiet_trainer_kwargs):
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_second_clipper_sees_the_first_ones_result(kind, chain, quiet_trainer_kwargs):
     """Two GradientClipping callbacks compose: the second clips the gradient the first produced.
 
     With the kit's MomentumSGD a global-norm coefficient is deferred to the optimizer's step instead
-    of applied to the gradients; the second clipper must count it (the reference is torch's SGD, which
-    MomentumSGD matches).
+    of applied to the gradients; the second clipper must count it, and an element-wise one must act on
+    the scaled gradients (the reference is torch's SGD, which MomentumSGD matches).
     """
     from lightning_optkit.optim import MomentumSGD
 
+    first, second_options = CHAINS[chain]
     torch.manual_seed(0)
     loader = make_loader()
     model = Regressor("sgd" if kind == "momentum_sgd" else kind)
     if kind == "momentum_sgd":
         model.configure_optimizers = lambda: MomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
     reference = copy.deepcopy(model.net)
-    second = GradientClipping(max_norm=0.2)
+    second = GradientClipping(**second_options)
     trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, log_every_n_steps=1,
                          callbacks=[GradientClipping(**first), second])
     trainer.fit(model, loader)
 
     def both(ps):
-        if "max_value" in first:
-            torch.nn.utils.clip_grad_value_(ps, 0.05)
-        else:
-            torch.nn.utils.clip_grad_norm_(ps, 0.5)
-        return torch.nn.utils.clip_grad_norm_(ps, 0.2)
+        _torch_clip(first, ps)
+        _torch_clip(second_options, ps)
 
     hand_loop(reference, loader, "sgd" if kind == "momentum_sgd" else kind, both, steps=4)
-    assert second.last_total_norm.item() > 0.2  # the second clipper had work to do
+    assert second.last_clip_coef.item() < 1  # the second clipper had work to do
     assert_params_close(model.net, reference)
 
 
+@pytest.mark.parametrize("kit", [False, True], ids=["torch-sgd", "kit-momentum-sgd"])
 @pytest.mark.parametrize("scale", [1.0, 1e40], ids=["ordinary", "beyond-float32-range"])
-def test_float64_training_clips_exactly_as_torch(scale, quiet_trainer_kwargs):
+def test_float64_training_clips_exactly_as_torch(scale, kit, quiet_trainer_kwargs):
     """precision="64-true": norms and coefficient in float64, as clip_grad_norm_ computes them.
 
     A float64 gradient norm of 1e40 is finite; a float32 norm would overflow to inf and turn the clipped
@@ -422,6 +434,10 @@ def test_float64_training_clips_exactly_as_torch(scale, quiet_trainer_kwargs):
     x, y = torch.randn(48, 8).double(), torch.randn(48, 4).double() * 3.0 * scale
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     model = Regressor("sgd")
+    if kit:  # the coefficient is deferred to the kit optimizer's step: it must stay float64 there too
+        from lightning_optkit.optim import MomentumSGD
+
+        model.configure_optimizers = lambda: MomentumSGD(model.parameters(), lr=0.05, momentum=0.9)
     reference = copy.deepcopy(model.net).double()
     trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=4, precision="64-true",
                          callbacks=[GradientClipping(max_norm=0.5)])
@@ -431,3 +447,15 @@ def test_float64_training_clips_exactly_as_torch(scale, quiet_trainer_kwargs):
     for p, q in zip(model.net.parameters(), reference.parameters(), strict=True):
         assert p.dtype == torch.float64 and torch.isfinite(p).all()
         assert torch.equal(p, q)
+
+
+def test_clippers_differing_only_in_options_coexist(quiet_trainer_kwargs):
+    """Lightning refuses two stateful callbacks with one state_key: every option is part of it."""
+    pairs = [(GradientClipping(algorithm="zscore", z_thresh=2.0), GradientClipping(algorithm="zscore", z_thresh=3.0)),
+             (GradientClipping(algorithm="agc", clip_factor=0.01), GradientClipping(algorithm="agc", clip_factor=0.1)),
+             (GradientClipping(max_norm=1.0), GradientClipping(max_norm=1.0, norm_type=1.0))]
+    for a, b in pairs:
+        assert a.state_key != b.state_key
+        trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=2, callbacks=[a, b])
+        trainer.fit(Regressor(), make_loader())
+        assert trainer.global_step == 2

@@ -38,6 +38,7 @@ __all__ = [
     "refuse_sharded_strategy",
     "run_after_gradient_readers",
     "step_grad_norms",
+    "take_deferred_scale",
 ]
 
 
@@ -284,6 +285,26 @@ def note_grads_modified(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
         entry.rescan = True
     else:
         entry.deferred = deferred_scale if entry.deferred is None else entry.deferred * deferred_scale
+
+
+def take_deferred_scale(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Take back the gradient scale an earlier callback deferred to ``optimizer``'s step at this step.
+
+    For an element-wise clip (value, AGC) after a deferred global coefficient: it must act on the
+    gradients the step will use, so the caller applies the returned scale to them first. A deferred
+    skip flag stays deferred. None when nothing was deferred.
+    """
+    raw = getattr(optimizer, "optimizer", optimizer)
+    entry = _STEP_NORMS[0]
+    pop = getattr(raw, "pop_step_modifiers", None)
+    if entry is None or entry.key[0] != id(raw) or entry.deferred is None or pop is None:
+        return None
+    scale, skip = pop()
+    if skip is not None:
+        raw.defer_skip(skip)
+    entry.deferred = None
+    entry.rescan = True  # the caller is about to scale the gradients in place
+    return scale
 
 
 # ------------------------------------------------------------------ AMP and skip flags

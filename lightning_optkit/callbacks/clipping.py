@@ -15,12 +15,14 @@ from lightning_optkit.callbacks._step_context import (
     LeanCallback,
     current_grad_norms,
     ensure_unscaled,
+    grad_params,
     is_logging_step,
     logger_step,
     metric_scope,
     note_grads_modified,
     optimizer_index,
     refuse_sharded_strategy,
+    take_deferred_scale,
 )
 from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError, closest
@@ -209,7 +211,8 @@ class GradientClipping(LeanCallback):
         key = self.__dict__.get("_state_key")
         if key is None:
             key = self._generate_state_key(algorithm=self.algorithm, max_norm=self.max_norm,
-                                           max_value=self.max_value, per=self.per, exclude=self.exclude)
+                                           max_value=self.max_value, per=self.per, exclude=self.exclude,
+                                           norm_type=self.norm_type, **self.options)
             self.__dict__["_state_key"] = key
         return key
 
@@ -289,6 +292,9 @@ class GradientClipping(LeanCallback):
             coef = clip_coefficient(threshold, total)
             self._apply_global(trainer, optimizer, grads, coef)
         else:  # value, agc: element/unit-wise, the effective coefficient needs a post-clip norm
+            deferred = take_deferred_scale(optimizer)  # an earlier clipper's coefficient, not yet applied
+            if deferred is not None:
+                _scale_grads_([p.grad for p in grad_params(raw)], deferred)
             if self.algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, self.max_value)
             else:

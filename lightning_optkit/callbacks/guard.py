@@ -145,8 +145,13 @@ class NonFiniteGuard(LeanCallback):
 
     @property
     def state_key(self) -> str:
-        """Checkpoint key of this callback."""
-        return self._generate_state_key(skip_on_spike=self.skip_on_spike)
+        """Checkpoint key, distinct per configuration so several instances can coexist."""
+        key = self.__dict__.get("_state_key")  # Lightning reads it on every hook call: build it once
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(
+                skip_on_spike=self.skip_on_spike, max_consecutive_skips=self.max_consecutive_skips,
+                spike_warmup=self.spike_warmup, spike_alpha=self.spike_alpha, norm_type=self.norm_type)
+        return key
 
     @property
     def grad_norm_types(self) -> tuple[float, ...]:

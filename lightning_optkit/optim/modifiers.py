@@ -49,8 +49,12 @@ class StepModifiers:
     _pending_skip: torch.Tensor | None = None
 
     def defer_grad_scale(self, scale: torch.Tensor) -> None:
-        """Multiply every gradient by ``scale`` (a 0-d device tensor) in the next step."""
-        scale = scale.detach().float().reshape(())
+        """Multiply every gradient by ``scale`` (a 0-d device tensor) in the next step.
+
+        Kept in float64 when given in float64 (a float64 run's clip coefficient), else float32.
+        """
+        scale = scale.detach().reshape(())
+        scale = scale if scale.dtype == torch.float64 else scale.float()
         prev = self._pending_scale
         self._pending_scale = scale if prev is None else prev * scale
 

@@ -110,3 +110,46 @@ def test_a_stop_decided_after_the_step_still_writes_that_batchs_row(tmp_path, qu
     assert set(KEYS) <= set(merged[2])
     assert merged[2]["grad_clip/total_norm"] == pytest.approx(norms[2], rel=1e-5)
     assert trainer.callback_metrics["grad_clip/total_norm"].item() == pytest.approx(norms[2], rel=1e-5)
+
+
+class AlternatingTwoOptimizers(pl.LightningModule):
+    """Manual optimization: ``a`` steps every batch, ``b`` on even batches only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        for opt, net in ((opt_a, self.a), (opt_b, self.b)):
+            if net is self.b and batch_idx % 2:
+                continue
+            opt.zero_grad()
+            self.manual_backward(torch.nn.functional.mse_loss(net(x), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.Adam(self.b.parameters())]
+
+
+class StopsAtBatch(pl.Callback):
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            trainer.should_stop = True
+
+
+def test_the_stop_row_holds_only_the_optimizers_that_stepped_in_that_batch(tmp_path, quiet_trainer_kwargs):
+    logger = CSVLogger(str(tmp_path))
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_epochs=1, log_every_n_steps=50,
+                         callbacks=[GradientClipping(max_norm=0.5), NonFiniteGuard(), StopsAtBatch(3)])
+    trainer.fit(AlternatingTwoOptimizers(), make_loader())
+    rows = read_rows(logger)
+    keys = set().union(*rows)
+    assert {int(r["step"]) for r in rows} == {3}
+    assert {"grad_clip/SGD/total_norm", "guard/SGD/skipped_steps"} <= keys
+    assert not any("/Adam/" in k for k in keys), keys  # Adam last stepped at batch 2: no stale value

@@ -417,9 +417,15 @@ def test_a_second_clipper_sees_the_first_ones_result(kind, chain, quiet_trainer_
         _torch_clip(first, ps)
         _torch_clip(second_options, ps)
 
-    hand_loop(reference, loader, "sgd" if kind == "momentum_sgd" else kind, both, steps=4)
+    norms = hand_loop(reference, loader, "sgd" if kind == "momentum_sgd" else kind, both, steps=4)
     assert second.last_clip_coef.item() < 1  # the second clipper had work to do
     assert_params_close(model.net, reference)
+    # each clipper logs under its own keys; the first one's total_norm is the backward's norm
+    names = [o.get("algorithm", "norm") for o in (first, second_options)]
+    second_name = f"{names[1]}-1" if names[0] == names[1] else names[1]
+    keys = [f"grad_clip/{names[0]}/total_norm", f"grad_clip/{second_name}/total_norm"]
+    assert set(keys) <= set(trainer.callback_metrics)
+    assert trainer.callback_metrics[keys[0]].item() == pytest.approx(norms[-1], rel=1e-5)
 
 
 @pytest.mark.parametrize("kit", [False, True], ids=["torch-sgd", "kit-momentum-sgd"])

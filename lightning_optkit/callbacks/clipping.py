@@ -120,6 +120,10 @@ class GradientClipping(LeanCallback):
     ``grad_clip/<o>threshold``          the adaptive limit (``zscore``, ``quantile`` only)
     ==================================  ===============================================================
 
+    With several GradientClipping callbacks (they compose: each clips what the one before produced)
+    each logs under ``grad_clip/<algorithm>/<o>...`` instead (repeats: ``norm``, ``norm-1``, in
+    callback order), its ``total_norm`` being the norm it received.
+
     Attributes ``last_total_norm`` and ``last_clip_coef`` hold the latest values as 0-d device
     tensors (``last_clip_coef`` for ``value``/``agc`` is refreshed on logging steps only, as it
     needs an extra norm pass). A non-finite norm gives a NaN coefficient, never a finite one.
@@ -200,9 +204,11 @@ class GradientClipping(LeanCallback):
         self.last_threshold: torch.Tensor | None = None
         self._states: dict[int, RunningNormStats | NormHistory] = {}
         self._excluded_ids: frozenset[int] = frozenset()
-        # optimizer index -> (optimizer, total norm, coefficient, threshold) of its last step not yet logged
+        # optimizer index -> (optimizer, total norm, coefficient, threshold) of its last step in this batch
         self._batch_steps: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         self._recorded = False  # this batch's values were recorded in on_before_optimizer_step
+        self._unlogged: dict = {}  # the last batch's steps when it did not log
+        self._key_prefix = "grad_clip/"  # resolved at setup (several clippers: grad_clip/<algorithm>/)
 
     @property
     def state_key(self) -> str:
@@ -229,10 +235,12 @@ class GradientClipping(LeanCallback):
             refuse_sharded_strategy(trainer, "GradientClipping", "remove GradientClipping and set "
                                     "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
                                     "own sharded clip_grad_norm_ (or use strategy='ddp')")
+            self._key_prefix = self._own_key_prefix(trainer)
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
             self.last_total_norm = self.last_clip_coef = self.last_threshold = None
             self._batch_steps.clear()
+            self._unlogged = {}
             self._recorded = False
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val is not None and clip_val != 0:
@@ -315,21 +323,36 @@ class GradientClipping(LeanCallback):
             self._record(trainer, optimizer, total, self.last_clip_coef, threshold)
             self._recorded = True
 
+    def _own_key_prefix(self, trainer: pl.Trainer) -> str:
+        """``grad_clip/``; with several GradientClipping callbacks ``grad_clip/<algorithm>/`` (repeats
+        ``norm``, ``norm-1``, ... in callback order), so each one's values keep their own keys."""
+        clippers = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipping)]
+        if len(clippers) < 2 or not any(cb is self for cb in clippers):
+            return "grad_clip/"
+        seen: dict[str, int] = {}
+        for cb in clippers:
+            n = seen.get(cb.algorithm, 0)
+            seen[cb.algorithm] = n + 1
+            if cb is self:
+                return f"grad_clip/{cb.algorithm}/" if n == 0 else f"grad_clip/{cb.algorithm}-{n}/"
+        return "grad_clip/"  # unreachable: self is among the clippers
+
     def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, total: torch.Tensor,
                 coef: torch.Tensor | None, threshold: torch.Tensor | None, step: int | None = None) -> None:
-        scope = metric_scope(trainer, optimizer)
-        values = {f"grad_clip/{scope}total_norm": total}
+        prefix = self._key_prefix + metric_scope(trainer, optimizer)
+        values = {f"{prefix}total_norm": total}
         if coef is not None:
-            values[f"grad_clip/{scope}clip_coef"] = coef
+            values[f"{prefix}clip_coef"] = coef
         if threshold is not None:
-            values[f"grad_clip/{scope}threshold"] = threshold
+            values[f"{prefix}threshold"] = threshold
         record_step_metrics(trainer, values, step=step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Write the values recorded on this logging batch (one row, one host transfer)."""
-        if self._recorded:
-            self._batch_steps.clear()  # logged: nothing left for a late row
-            self._recorded = False
+        # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
+        self._unlogged = {} if self._recorded else self._batch_steps
+        self._batch_steps = {}
+        self._recorded = False
         flush_step_metrics(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -338,12 +361,12 @@ class GradientClipping(LeanCallback):
         Lightning writes its row for the batch it stops at even when the stop came after the step
         (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
         """
-        if trainer.should_stop and self._batch_steps:
+        if trainer.should_stop and self._unlogged:
             step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
-            for optimizer, total, coef, threshold in self._batch_steps.values():
+            for optimizer, total, coef, threshold in self._unlogged.values():
                 self._record(trainer, optimizer, total, coef, threshold, step=step)
             flush_step_metrics(trainer)
-        self._batch_steps.clear()
+        self._unlogged = {}
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],

@@ -140,8 +140,9 @@ class NonFiniteGuard(LeanCallback):
         self.last_skip: torch.Tensor | None = None
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
-        self._batch_steps: dict[int, torch.optim.Optimizer] = {}  # optimizer index -> optimizer, not yet logged
+        self._batch_steps: dict[int, torch.optim.Optimizer] = {}  # optimizer index -> optimizer, this batch
         self._recorded = False  # this batch's counters were recorded in on_before_optimizer_step
+        self._unlogged: dict[int, torch.optim.Optimizer] = {}  # the last batch's steps when it did not log
 
     @property
     def state_key(self) -> str:
@@ -168,6 +169,7 @@ class NonFiniteGuard(LeanCallback):
             self._tracks = {}
             self.last_skip = None
             self._batch_steps.clear()
+            self._unlogged = {}
             self._recorded = False
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
@@ -266,9 +268,10 @@ class NonFiniteGuard(LeanCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
-        if self._recorded:
-            self._batch_steps.clear()  # logged: nothing left for a late row
-            self._recorded = False
+        # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
+        self._unlogged = {} if self._recorded else self._batch_steps
+        self._batch_steps = {}
+        self._recorded = False
         flush_step_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,12 +285,12 @@ class NonFiniteGuard(LeanCallback):
         (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
         """
         self._disarm()
-        if trainer.should_stop and self._batch_steps:
+        if trainer.should_stop and self._unlogged:
             step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
-            for idx, optimizer in self._batch_steps.items():
+            for idx, optimizer in self._unlogged.items():
                 self._record(trainer, optimizer, self._tracks[idx], step=step)
             flush_step_metrics(trainer)
-        self._batch_steps.clear()
+        self._unlogged = {}
         self._check_all(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

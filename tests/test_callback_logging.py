@@ -153,3 +153,30 @@ def test_the_stop_row_holds_only_the_optimizers_that_stepped_in_that_batch(tmp_p
     assert {int(r["step"]) for r in rows} == {3}
     assert {"grad_clip/SGD/total_norm", "guard/SGD/skipped_steps"} <= keys
     assert not any("/Adam/" in k for k in keys), keys  # Adam last stepped at batch 2: no stale value
+
+
+class LogsItsLoss(Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("stopper_first", [True, False])
+def test_rows_follow_lightnings_own_when_min_steps_overrides_a_stop(tmp_path, quiet_trainer_kwargs, stopper_first):
+    logger = CSVLogger(str(tmp_path))
+    kit = [GradientClipping(max_norm=0.5), NonFiniteGuard()]
+    stopper = StopsAtBatch(1)
+    callbacks = [stopper, *kit] if stopper_first else [*kit, stopper]
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=20, min_steps=4,
+                         log_every_n_steps=50, callbacks=callbacks)
+    trainer.fit(LogsItsLoss("sgd"), make_loader())
+    rows = read_rows(logger)
+    lightning_steps = sorted({int(r["step"]) for r in rows if "loss" in r})
+    kit_steps = sorted({int(r["step"]) for r in rows if "grad_clip/total_norm" in r})
+    guard_steps = sorted({int(r["step"]) for r in rows if "guard/skipped_steps" in r})
+    assert lightning_steps and lightning_steps[0] == 1
+    if stopper_first:  # the stop is known when the kit's batch-end hooks run
+        assert kit_steps == guard_steps == lightning_steps
+    else:  # the batch the stop was decided on comes too late; every later one matches
+        assert kit_steps == guard_steps == [s for s in lightning_steps if s != 1]

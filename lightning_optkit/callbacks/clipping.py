@@ -349,6 +349,12 @@ class GradientClipping(LeanCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Write the values recorded on this logging batch (one row, one host transfer)."""
+        if trainer.should_stop and self._batch_steps and not self._recorded and is_logging_step(trainer):
+            # told to stop after the step by a callback that ran before this one: Lightning logs this
+            # batch (even when min_steps keeps the fit going)
+            for optimizer, total, coef, threshold in self._batch_steps.values():
+                self._record(trainer, optimizer, total, coef, threshold)
+            self._recorded = True
         # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
         self._unlogged = {} if self._recorded else self._batch_steps
         self._batch_steps = {}

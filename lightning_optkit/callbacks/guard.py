@@ -268,6 +268,12 @@ class NonFiniteGuard(LeanCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
+        if trainer.should_stop and self._batch_steps and not self._recorded and is_logging_step(trainer):
+            # told to stop after the step by a callback that ran before this one: Lightning logs this
+            # batch (even when min_steps keeps the fit going)
+            for idx, optimizer in self._batch_steps.items():
+                self._record(trainer, optimizer, self._tracks[idx])
+            self._recorded = True
         # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
         self._unlogged = {} if self._recorded else self._batch_steps
         self._batch_steps = {}

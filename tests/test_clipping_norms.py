@@ -95,3 +95,23 @@ def test_a_gradient_replaced_within_a_step_gets_its_own_norm():
         assert second.item() == pytest.approx(p.grad.norm().item(), rel=1e-6)
         again = step_grad_norms(trainer, opt, 2.0)[1][0]
         assert again is second  # the same gradient: the norm is shared, not recomputed
+
+
+def test_a_parameter_listed_twice_counts_once():
+    """torch only warns about a parameter repeated within a group; its gradient enters the norm once."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from lightning_optkit.callbacks._step_context import step_grad_norms
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    p, q = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = torch.optim.SGD([p, q, p], lr=0.1)
+    p.grad, q.grad = torch.randn(6), torch.randn(3)
+    params, norms = step_grad_norms(trainer, opt, 2.0)
+    assert params == [p, q]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    assert total.item() == pytest.approx(torch.nn.utils.get_total_norm([p.grad, q.grad]).item(), rel=1e-6)

@@ -182,7 +182,7 @@ def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = fro
     """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``."""
     groups = optimizer.param_groups
     out = [p for group in groups for p in group["params"] if p.grad is not None]
-    if len(groups) > 1 and len({id(p) for p in out}) != len(out):  # torch forbids it, other optimizers may not
+    if len({id(p) for p in out}) != len(out):  # a parameter listed twice (torch only warns within a group)
         out = list({id(p): p for p in out}.values())
     if skip_ids:
         out = [p for p in out if id(p) not in skip_ids]

@@ -349,9 +349,11 @@ class GradientClipping(LeanCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Write the values recorded on this logging batch (one row, one host transfer)."""
-        if trainer.should_stop and self._batch_steps and not self._recorded and is_logging_step(trainer):
+        late = trainer.should_stop and bool(self._batch_steps) and not self._recorded and is_logging_step(trainer)
+        if late:
             # told to stop after the step by a callback that ran before this one: Lightning logs this
-            # batch (even when min_steps keeps the fit going)
+            # batch (even when min_steps keeps the fit going). Written at the next flush (the next
+            # logging step, or teardown), so the other kit callbacks' values join the same row.
             for optimizer, total, coef, threshold in self._batch_steps.values():
                 self._record(trainer, optimizer, total, coef, threshold)
             self._recorded = True
@@ -359,7 +361,8 @@ class GradientClipping(LeanCallback):
         self._unlogged = {} if self._recorded else self._batch_steps
         self._batch_steps = {}
         self._recorded = False
-        flush_step_metrics(trainer)
+        if not late:
+            flush_step_metrics(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the last batch when the Trainer was told to stop after its optimizer step.
@@ -371,8 +374,11 @@ class GradientClipping(LeanCallback):
             step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
             for optimizer, total, coef, threshold in self._unlogged.values():
                 self._record(trainer, optimizer, total, coef, threshold, step=step)
-            flush_step_metrics(trainer)
         self._unlogged = {}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
+        flush_step_metrics(trainer)
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],

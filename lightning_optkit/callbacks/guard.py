@@ -268,9 +268,11 @@ class NonFiniteGuard(LeanCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
-        if trainer.should_stop and self._batch_steps and not self._recorded and is_logging_step(trainer):
+        late = trainer.should_stop and bool(self._batch_steps) and not self._recorded and is_logging_step(trainer)
+        if late:
             # told to stop after the step by a callback that ran before this one: Lightning logs this
-            # batch (even when min_steps keeps the fit going)
+            # batch (even when min_steps keeps the fit going). Written at the next flush (the next
+            # logging step, or teardown), so the other kit callbacks' values join the same row.
             for idx, optimizer in self._batch_steps.items():
                 self._record(trainer, optimizer, self._tracks[idx])
             self._recorded = True
@@ -278,7 +280,8 @@ class NonFiniteGuard(LeanCallback):
         self._unlogged = {} if self._recorded else self._batch_steps
         self._batch_steps = {}
         self._recorded = False
-        flush_step_metrics(trainer)
+        if not late:
+            flush_step_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise if the run of skipped steps reached ``max_consecutive_skips`` (checked once per epoch)."""
@@ -295,9 +298,12 @@ class NonFiniteGuard(LeanCallback):
             step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
             for idx, optimizer in self._unlogged.items():
                 self._record(trainer, optimizer, self._tracks[idx], step=step)
-            flush_step_metrics(trainer)
         self._unlogged = {}
         self._check_all(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
+        flush_step_metrics(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

@@ -9,6 +9,7 @@ by the callbacks lives in this module, each with a comment saying why there is n
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "optimizer_labels",
     "refuse_sharded_strategy",
     "run_after_gradient_readers",
+    "run_before",
     "step_grad_norms",
     "take_deferred_scale",
 ]
@@ -75,22 +77,38 @@ class LeanCallback(Callback):
 
 
 # ------------------------------------------------------------------ callback order
+# The Trainer's list is replaced, not edited, so a hook loop Lightning is running over the old list
+# (these are called from ``setup``) still visits every callback once; Lightning itself replaces the
+# list when it adds a module's ``configure_callbacks``. A callback not in the list (set up by hand or
+# by a wrapping callback) is left where it is.
+def _index(callbacks: list[Callback], callback: Callback) -> int | None:
+    return next((i for i, cb in enumerate(callbacks) if cb is callback), None)
+
+
+def _move(trainer: pl.Trainer, callback: Callback, to: Callable[[list[Callback]], int]) -> None:
+    """Replace ``trainer.callbacks`` by the list with ``callback`` taken out and put at ``to(rest)``."""
+    rest = [cb for cb in trainer.callbacks if cb is not callback]
+    rest.insert(to(rest), callback)
+    trainer.callbacks = rest
+
+
+def run_before(trainer: pl.Trainer, callback: Callback, other: Callback) -> None:
+    """Move ``callback`` just ahead of ``other`` if it is behind it."""
+    here, there = _index(trainer.callbacks, callback), _index(trainer.callbacks, other)
+    if here is not None and there is not None and here > there:
+        _move(trainer, callback, lambda rest: _index(rest, other))  # type: ignore[arg-type,return-value]
+
+
 def run_after_gradient_readers(trainer: pl.Trainer, callback: Callback) -> None:
     """Move ``callback`` just behind the last other callback that reads gradients at the optimizer step.
 
-    Gradient readers declare ``reads_gradients = True`` (GradientClipping, OptimizerMonitor). The
-    Trainer's list is replaced, not edited, so a hook loop Lightning is running over the old list
-    (this is called from ``setup``) still visits every callback once; Lightning itself replaces the
-    list when it adds a module's ``configure_callbacks``.
+    Gradient readers declare ``reads_gradients = True`` (GradientClipping, OptimizerMonitor).
     """
-    callbacks = list(trainer.callbacks)
-    if not any(cb is callback for cb in callbacks):
-        return  # set up by hand or by a wrapping callback: its order is not ours to change
-    readers = [i for i, cb in enumerate(callbacks) if cb is not callback and getattr(cb, "reads_gradients", False)]
-    here = next(i for i, cb in enumerate(callbacks) if cb is callback)
-    if readers and readers[-1] > here:
-        callbacks.insert(readers[-1], callbacks.pop(here))  # popping first shifts the last reader down one
-        trainer.callbacks = callbacks
+    order = trainer.callbacks
+    here = _index(order, callback)
+    readers = [cb for cb in order if cb is not callback and getattr(cb, "reads_gradients", False)]
+    if here is not None and readers and _index(order, readers[-1]) > here:  # type: ignore[operator]
+        _move(trainer, callback, lambda rest: _index(rest, readers[-1]) + 1)  # type: ignore[operator]
 
 
 # ------------------------------------------------------------------ strategies

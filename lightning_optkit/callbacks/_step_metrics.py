@@ -16,14 +16,16 @@ in the per-batch result processing for the rest of the epoch; for two keys every
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_optkit.callbacks._step_context import logger_step
+from lightning_optkit.callbacks._step_context import is_logging_step, logger_step
 
-__all__ = ["flush_step_metrics", "record_step_metrics"]
+__all__ = ["BatchSteps", "flush_step_metrics", "record_step_metrics"]
 
 
 @dataclass
@@ -67,3 +69,59 @@ def flush_step_metrics(trainer: pl.Trainer) -> None:
     metrics = dict(zip(row.values, floats, strict=True))
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=row.step)
+
+
+class BatchSteps:
+    """What one callback saw at each optimizer's step of the current batch, so a stop row can be logged.
+
+    The callback notes each step (:meth:`stepped`) and, on a logging step, records its values at once
+    (:meth:`logged`). A stop decided after the optimizer step makes the batch a logging one only later,
+    as for Lightning's own rows: decided by a callback that ran earlier, it is seen in
+    :meth:`end_batch`; by one that runs later, in :meth:`end_training`. Then the noted items are
+    recorded with ``record(item, step)`` (``step=None``: the current batch's). Items are references
+    only: no device work on the steps that do not log.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new fit)."""
+        self._batch: dict[int, Any] = {}  # optimizer index -> item, this batch
+        self._recorded = False  # this batch's values were recorded at its step
+        self._unlogged: dict[int, Any] = {}  # the last batch's items when it did not log
+
+    def stepped(self, index: int, item: Any) -> None:
+        """Note optimizer ``index``'s latest step in this batch."""
+        self._batch[index] = item
+
+    def logged(self) -> None:
+        """This batch's values were recorded at the step."""
+        self._recorded = True
+
+    def end_batch(self, trainer: pl.Trainer, record: Callable[[Any, int | None], None]) -> None:
+        """At ``on_train_batch_end``: record a stop decided since the step, and write the batch's row.
+
+        A row recorded here is written at the next flush (the next logging step, or teardown), so the
+        other kit callbacks' values join it.
+        """
+        late = trainer.should_stop and bool(self._batch) and not self._recorded and is_logging_step(trainer)
+        if late:
+            for item in self._batch.values():
+                record(item, None)
+        self._unlogged = {} if (self._recorded or late) else self._batch
+        self._batch = {}
+        self._recorded = False
+        if not late:
+            flush_step_metrics(trainer)
+
+    def end_training(self, trainer: pl.Trainer, record: Callable[[Any, int | None], None]) -> None:
+        """At ``on_train_end``: record the last batch if the Trainer was told to stop after its step.
+
+        Written at teardown, after every callback's ``on_train_end``, so it is one row.
+        """
+        if trainer.should_stop and self._unlogged:
+            step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
+            for item in self._unlogged.values():
+                record(item, step)
+        self._unlogged = {}

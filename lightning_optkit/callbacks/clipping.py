@@ -17,14 +17,13 @@ from lightning_optkit.callbacks._step_context import (
     ensure_unscaled,
     grad_params,
     is_logging_step,
-    logger_step,
     metric_scope,
     note_grads_modified,
     optimizer_index,
     refuse_sharded_strategy,
     take_deferred_scale,
 )
-from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -204,10 +203,7 @@ class GradientClipping(LeanCallback):
         self.last_threshold: torch.Tensor | None = None
         self._states: dict[int, RunningNormStats | NormHistory] = {}
         self._excluded_ids: frozenset[int] = frozenset()
-        # optimizer index -> (optimizer, total norm, coefficient, threshold) of its last step in this batch
-        self._batch_steps: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
-        self._recorded = False  # this batch's values were recorded in on_before_optimizer_step
-        self._unlogged: dict = {}  # the last batch's steps when it did not log
+        self._steps = BatchSteps()  # items: (optimizer, total norm, coefficient, threshold)
         self._key_prefix = "grad_clip/"  # resolved at setup (several clippers: grad_clip/<algorithm>/)
 
     @property
@@ -239,9 +235,7 @@ class GradientClipping(LeanCallback):
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
             self.last_total_norm = self.last_clip_coef = self.last_threshold = None
-            self._batch_steps.clear()
-            self._unlogged = {}
-            self._recorded = False
+            self._steps.reset()
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val is not None and clip_val != 0:
             raise SpecError("Trainer(gradient_clip_val)", clip_val,
@@ -318,10 +312,10 @@ class GradientClipping(LeanCallback):
         if coef is not None:
             self.last_clip_coef = coef
         self.last_threshold = threshold
-        self._batch_steps[idx] = (optimizer, total, coef, threshold)  # references only: no device work
+        self._steps.stepped(idx, (optimizer, total, coef, threshold))
         if logging:
             self._record(trainer, optimizer, total, self.last_clip_coef, threshold)
-            self._recorded = True
+            self._steps.logged()
 
     def _own_key_prefix(self, trainer: pl.Trainer) -> str:
         """``grad_clip/``; with several GradientClipping callbacks ``grad_clip/<algorithm>/`` (repeats
@@ -349,20 +343,7 @@ class GradientClipping(LeanCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Write the values recorded on this logging batch (one row, one host transfer)."""
-        late = trainer.should_stop and bool(self._batch_steps) and not self._recorded and is_logging_step(trainer)
-        if late:
-            # told to stop after the step by a callback that ran before this one: Lightning logs this
-            # batch (even when min_steps keeps the fit going). Written at the next flush (the next
-            # logging step, or teardown), so the other kit callbacks' values join the same row.
-            for optimizer, total, coef, threshold in self._batch_steps.values():
-                self._record(trainer, optimizer, total, coef, threshold)
-            self._recorded = True
-        # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
-        self._unlogged = {} if self._recorded else self._batch_steps
-        self._batch_steps = {}
-        self._recorded = False
-        if not late:
-            flush_step_metrics(trainer)
+        self._steps.end_batch(trainer, lambda item, step: self._record(trainer, *item, step=step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the last batch when the Trainer was told to stop after its optimizer step.
@@ -370,11 +351,7 @@ class GradientClipping(LeanCallback):
         Lightning writes its row for the batch it stops at even when the stop came after the step
         (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
         """
-        if trainer.should_stop and self._unlogged:
-            step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
-            for optimizer, total, coef, threshold in self._unlogged.values():
-                self._record(trainer, optimizer, total, coef, threshold, step=step)
-        self._unlogged = {}
+        self._steps.end_training(trainer, lambda item, step: self._record(trainer, *item, step=step))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""

@@ -16,7 +16,6 @@ from lightning_optkit.callbacks._step_context import (
     ensure_unscaled,
     is_fused_amp_optimizer,
     is_logging_step,
-    logger_step,
     mark_scaler_skip,
     metric_scope,
     optimizer_index,
@@ -25,7 +24,7 @@ from lightning_optkit.callbacks._step_context import (
     run_after_gradient_readers,
     step_grad_norms,
 )
-from lightning_optkit.callbacks._step_metrics import flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
@@ -140,9 +139,7 @@ class NonFiniteGuard(LeanCallback):
         self.last_skip: torch.Tensor | None = None
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
-        self._batch_steps: dict[int, torch.optim.Optimizer] = {}  # optimizer index -> optimizer, this batch
-        self._recorded = False  # this batch's counters were recorded in on_before_optimizer_step
-        self._unlogged: dict[int, torch.optim.Optimizer] = {}  # the last batch's steps when it did not log
+        self._steps = BatchSteps()  # items: (optimizer, optimizer index)
 
     @property
     def state_key(self) -> str:
@@ -168,9 +165,7 @@ class NonFiniteGuard(LeanCallback):
                                     "alike)")
             self._tracks = {}
             self.last_skip = None
-            self._batch_steps.clear()
-            self._unlogged = {}
-            self._recorded = False
+            self._steps.reset()
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
             run_after_gradient_readers(trainer, self)
@@ -231,10 +226,14 @@ class NonFiniteGuard(LeanCallback):
         elif logging or track.unchecked >= self.max_consecutive_skips:
             track.unchecked = 0
             self._check_consecutive(trainer, idx, int(track.consecutive))  # the amortised host sync
-        self._batch_steps[idx] = optimizer
+        self._steps.stepped(idx, (optimizer, idx))
         if logging:
             self._record(trainer, optimizer, track)
-            self._recorded = True
+            self._steps.logged()
+
+    def _record_stepped(self, trainer: pl.Trainer, item: tuple[torch.optim.Optimizer, int], step: int | None) -> None:
+        optimizer, idx = item
+        self._record(trainer, optimizer, self._tracks[idx], step=step)
 
     def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, track: _OptimizerTrack,
                 step: int | None = None) -> None:
@@ -268,20 +267,7 @@ class NonFiniteGuard(LeanCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Remove the ``found_inf`` flags set on fused optimizers during this batch; write logged values."""
         self._disarm()
-        late = trainer.should_stop and bool(self._batch_steps) and not self._recorded and is_logging_step(trainer)
-        if late:
-            # told to stop after the step by a callback that ran before this one: Lightning logs this
-            # batch (even when min_steps keeps the fit going). Written at the next flush (the next
-            # logging step, or teardown), so the other kit callbacks' values join the same row.
-            for idx, optimizer in self._batch_steps.items():
-                self._record(trainer, optimizer, self._tracks[idx])
-            self._recorded = True
-        # what the batch stepped and did not log, for a stop decided after it (see on_train_end)
-        self._unlogged = {} if self._recorded else self._batch_steps
-        self._batch_steps = {}
-        self._recorded = False
-        if not late:
-            flush_step_metrics(trainer)
+        self._steps.end_batch(trainer, lambda item, step: self._record_stepped(trainer, item, step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Raise if the run of skipped steps reached ``max_consecutive_skips`` (checked once per epoch)."""
@@ -294,11 +280,7 @@ class NonFiniteGuard(LeanCallback):
         (Timer, or a callback's ``on_train_batch_end``), which the step itself could not know.
         """
         self._disarm()
-        if trainer.should_stop and self._unlogged:
-            step = logger_step(trainer) - 1  # the stop batch's, counted as stepped since
-            for idx, optimizer in self._unlogged.items():
-                self._record(trainer, optimizer, self._tracks[idx], step=step)
-        self._unlogged = {}
+        self._steps.end_training(trainer, lambda item, step: self._record_stepped(trainer, item, step))
         self._check_all(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -19,6 +19,7 @@ from lightning_optkit.callbacks._step_context import (
     logger_step,
     optimizer_labels,
     refuse_sharded_strategy,
+    run_before,
     step_grad_norms,
 )
 from lightning_optkit.errors import SpecError, closest
@@ -36,18 +37,6 @@ def _find_clipping_callbacks(trainer: pl.Trainer) -> list[Callback]:
     Detected by attribute names, so this module does not import the clipping callback.
     """
     return [cb for cb in trainer.callbacks if hasattr(cb, "last_total_norm") and hasattr(cb, "last_clip_coef")]
-
-
-def _run_before(callbacks: list[Callback], first: Callback, other: Callback) -> None:
-    """Move ``first`` just ahead of ``other`` in the Trainer's callback list, if it is behind it.
-
-    Called from a ``setup`` hook, i.e. while Lightning iterates this very list: moving the current
-    callback to an earlier index leaves every later index unchanged, so no callback is skipped or
-    called twice.
-    """
-    i, j = callbacks.index(first), callbacks.index(other)
-    if i > j:
-        callbacks.insert(j, callbacks.pop(i))
 
 
 def _layer_name(param_name: str, depth: int) -> str:
@@ -270,7 +259,7 @@ class OptimizerMonitor(LeanCallback):
         self._active = trainer.global_rank == 0 and self._every >= 1
         self._clips = _find_clipping_callbacks(trainer)
         if self._clips:
-            _run_before(trainer.callbacks, self, self._clips[0])
+            run_before(trainer, self, self._clips[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name every optimizer, group and parameter (host-side, once)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,11 +12,20 @@ from torch import nn
 
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import OptimizerPlan, plan
+from lightning_optkit.probe import (
+    SCHEDULER_PROBE_STEPS,
+    check_curve,
+    probe_optimizer_step,
+    probe_scheduler,
+    sparse_grad_ids,
+)
 from lightning_optkit.registry import optimizer_keywords
-from lightning_optkit.spec import ChainSpec, OptimizerSpec, spec_from_data
+from lightning_optkit.schedules.scheduler import KitLRScheduler
+from lightning_optkit.spec import ChainSpec, OptimizerSpec, TorchScheduleSpec, spec_from_data
 
 
-def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
+def _constructor_args(op: OptimizerPlan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The param group dicts and keyword arguments the optimizer of ``op`` is constructed with."""
     spec = op.spec
     has_decay = "weight_decay" in optimizer_keywords(spec.optimizer_cls)
     kwargs = {**spec.optimizer_kwargs, "lr": spec.lr}
@@ -24,6 +35,22 @@ def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
     if not has_decay:
         for g in groups:
             g.pop("weight_decay")
+    return groups, kwargs
+
+
+def _probe(op: OptimizerPlan, sparse_ids: frozenset[int]) -> Callable[[], torch.optim.Optimizer] | None:
+    """Step the optimizer of ``op`` on probe parameters (see :mod:`lightning_optkit.probe`)."""
+    groups, kwargs = _constructor_args(op)
+    spec = op.spec
+    options = [(f"groups[{g.name}]" if g.name else "groups[]", list(g.options)) for g in spec.groups if g.options]
+    return probe_optimizer_step(spec.optimizer_cls, groups, kwargs, optimizer_name=spec.optimizer,
+                                user_kwargs=list(spec.optimizer_kwargs), group_options=options,
+                                sparse_ids=sparse_ids)
+
+
+def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
+    spec = op.spec
+    groups, kwargs = _constructor_args(op)
     try:
         optimizer = spec.optimizer_cls(groups, **kwargs)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -31,6 +58,31 @@ def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
                         problem=f"was rejected by {spec.optimizer_cls.__name__}: {err}") from err
     optimizer.optkit_name = op.label  # the name callbacks use in logged keys
     return optimizer
+
+
+def _probe_torch_schedule(schedule: Any, new_optimizer: Callable[[], torch.optim.Optimizer] | None,
+                          trainer: Any) -> None:
+    """Before the real scheduler is made: create and step a torch scheduler on a probe optimizer."""
+    if not isinstance(schedule, TorchScheduleSpec) or new_optimizer is None:
+        return
+    limit = getattr(trainer, "max_steps", -1) if schedule.interval == "step" else getattr(trainer, "max_epochs", -1)
+    steps = SCHEDULER_PROBE_STEPS
+    if isinstance(limit, int) and limit >= 0:  # a fit known to be shorter steps its scheduler fewer times
+        steps = min(steps, limit // schedule.frequency)
+    required = [n for n, p in inspect.signature(schedule.cls.__init__).parameters.items()
+                if p.default is p.empty and n not in ("self", "optimizer")]
+    probe_scheduler(schedule.cls, new_optimizer, field="schedule", kwargs=schedule.kwargs, required=required,
+                    steps=steps, plateau=issubclass(schedule.cls, torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def _check_kit_curve(config: dict | None) -> None:
+    """A kit schedule's multiplier evaluated at its ends and phase boundaries, before the first batch."""
+    if config is None or not isinstance(config["scheduler"], KitLRScheduler):
+        return
+    curve = config["scheduler"].curve
+    start = curve.warmup_end_step()
+    end = curve.total * curve.tick if curve.total is not None else start + 10
+    check_curve(curve, [0, 1, 2, start - 1, start, start + 1, (start + end) // 2, end - 2, end - 1, end, end + 1])
 
 
 def _schedule(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, name: str | None,
@@ -107,21 +159,30 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     spec = spec_from_data(spec)
     the_plan = plan(module, spec)
     _refuse_per_shard_rules(the_plan.optimizers, trainer)
+    sparse_ids = sparse_grad_ids(module)
+    probes = [_probe(op, sparse_ids) for op in the_plan.optimizers]
     if isinstance(spec, ChainSpec):
         from lightning_optkit.optim.chained import ChainedOptimizer
 
         optimizer: torch.optim.Optimizer = ChainedOptimizer([_instantiate(op) for op in the_plan.optimizers])
         optimizer.optkit_name = spec.label
+        chained = None if None in probes else (lambda: ChainedOptimizer([make() for make in probes]))
+        _probe_torch_schedule(spec.schedule, chained, trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
+        _check_kit_curve(config)
     elif isinstance(spec, OptimizerSpec):
         optimizer = _instantiate(the_plan.optimizers[0])
+        _probe_torch_schedule(spec.schedule, probes[0], trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
+        _check_kit_curve(config)
     else:
         total = _per_optimizer_total(trainer, len(the_plan.optimizers))
         result = []
-        for op in the_plan.optimizers:
+        for op, probe in zip(the_plan.optimizers, probes):
             optimizer = _instantiate(op)
+            _probe_torch_schedule(op.spec.schedule, probe, trainer)
             config = _schedule(op.spec.schedule, optimizer, trainer, op.spec.name, total)
+            _check_kit_curve(config)
             result.append({"optimizer": optimizer} if config is None else {"optimizer": optimizer,
                                                                          "lr_scheduler": config})
         return result

@@ -51,7 +51,9 @@ def parse_duration(value: Any, *, field: str) -> Duration:
         for pattern, unit in ((_STEPS, "steps"), (_EPOCHS, "epochs")):
             match = pattern.match(text)
             if match:
-                return Duration(unit, int(match.group(1)))
+                count = number(field, int(match.group(1)), integer=True, strings=False,
+                               fix=f"give a count within the float range: {_FORMS}")
+                return Duration(unit, count)
         match = _PERCENT.match(text)
         if match:
             pct = float(match.group(1))

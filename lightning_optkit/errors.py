@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+_MAX_SHOWN = 200  # longer reprs of a bad value are shortened in the message (the value itself is kept)
+
 
 class SpecError(ValueError):
     """An invalid optimizer, group or schedule spec, raised before training starts.
@@ -18,7 +20,10 @@ class SpecError(ValueError):
         self.fix = fix
         self.problem = problem
         what = problem or "is invalid"
-        super().__init__(f"{field}={value!r} {what}. Fix: {fix}")
+        shown = repr(value)
+        if len(shown) > _MAX_SHOWN:  # e.g. a 400-digit integer: show its ends
+            shown = f"{shown[:_MAX_SHOWN // 2]}...{shown[-20:]} ({len(shown)} characters)"
+        super().__init__(f"{field}={shown} {what}. Fix: {fix}")
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

@@ -144,8 +144,10 @@ def accepts_any_keyword(cls: OptimizerClass) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-def check_optimizer_kwargs(cls: OptimizerClass, kwargs: dict[str, Any], field: str = "optimizer") -> None:
-    """Fail with a SpecError naming the keyword, the valid ones and a hint, if ``cls`` rejects one."""
+def check_optimizer_kwargs(cls: OptimizerClass, kwargs: dict[str, Any], field: str = "optimizer",
+                           prefix: str = "") -> None:
+    """Fail with a SpecError naming the keyword (after ``prefix``, e.g. ``groups[head].``), the valid ones
+    and a hint, if ``cls`` rejects one."""
     if accepts_any_keyword(cls):
         return
     valid = optimizer_keywords(cls)
@@ -156,7 +158,7 @@ def check_optimizer_kwargs(cls: OptimizerClass, kwargs: dict[str, Any], field: s
         near = closest(key, valid)
         fix = hint or (f"did you mean {near[0]!r}?" if near else "remove it")
         raise SpecError(
-            key, kwargs[key],
+            f"{prefix}{key}", kwargs[key],
             f"{fix}. {cls.__name__} accepts: {', '.join(sorted(valid))}",
             problem=f"is not a keyword of {cls.__name__}",
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 import yaml
 
+from lightning_optkit.arguments import check_argument
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.registry import check_optimizer_kwargs, optimizer_keywords, resolve_optimizer
-from lightning_optkit.validation import flag, number
+from lightning_optkit.validation import check_keys, flag, number
 
 # A parameter selector: a glob on the qualified name, "re:<regex>", "type:<dotted.Module>", a module
 # class, a predicate (name, param) -> bool, a list of those (any matches), or a mapping
@@ -30,22 +32,6 @@ _WD_FIX = "give a number >= 0 (0 disables it)"
 # OptimizerSpec.frozen: "skip" leaves requires_grad=False parameters out of the plan; "include" plans them
 # like trainable ones (optimizers skip a parameter whose grad is None, so it stays untouched while frozen).
 FROZEN_MODES = ("skip", "include")
-
-
-def _coerce_kwarg(key: str, value: Any, default: Any) -> Any:
-    """Coerce a YAML-read optimizer keyword to the type its default has (strings to numbers, lists to tuples).
-
-    Other values pass through unchanged: the optimizer's own checks run on them in the dry run.
-    """
-    if isinstance(default, bool):
-        return flag(key, value, fix="give true or false")
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        return number(key, value)
-    if isinstance(default, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if isinstance(value, tuple):
-        return tuple(number(f"{key}[{i}]", v) if isinstance(v, str) else v for i, v in enumerate(value))
-    return value
 
 
 def check_selector(field_name: str, selector: Any) -> None:
@@ -156,9 +142,10 @@ class ParamGroup:
             return data
         if not isinstance(data, Mapping):
             raise SpecError("groups[]", data, "give a mapping with at least 'params'", problem="is not a mapping")
+        data = check_keys("groups[]", data)
         if "params" not in data:
-            raise SpecError("groups[]", dict(data), "add 'params: <pattern>'", problem="has no 'params'")
-        return cls(**dict(data))
+            raise SpecError("groups[]", data, "add 'params: <pattern>'", problem="has no 'params'")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form (round-trips through :meth:`from_dict` when ``params`` is not a class or callable)."""
@@ -195,7 +182,7 @@ class TorchScheduleSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], field_name: str = "schedule") -> TorchScheduleSpec:
         """Parse ``{"class": "torch.optim.lr_scheduler.StepLR", "step_size": 5, "interval": "epoch", ...}``."""
-        data = dict(data)
+        data = check_keys(field_name, data)
         target = data.pop("class")
         sched_cls = _resolve_scheduler_class(f"{field_name}.class", target)
         interval = data.pop("interval", "epoch")
@@ -206,8 +193,14 @@ class TorchScheduleSpec:
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise SpecError(f"{field_name}.frequency", frequency, "give an integer >= 1", problem="is invalid")
         monitor = data.pop("monitor", None)
-        strict = data.pop("strict", True)
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise SpecError(f"{field_name}.monitor", monitor, "name the logged metric, e.g. monitor: val_loss",
+                            problem="is not a metric name")
+        strict = flag(f"{field_name}.strict", data.pop("strict", True), fix="give true or false")
         name = data.pop("name", None)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise SpecError(f"{field_name}.name", name, "give a non-empty string (the logged lr key)",
+                            problem="is not a valid name")
         is_plateau = issubclass(sched_cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if is_plateau and not monitor:
             raise SpecError(f"{field_name}.monitor", monitor, "name the logged metric to watch, e.g. monitor: val_loss",
@@ -230,7 +223,7 @@ class TorchScheduleSpec:
                                 (f"did you mean {near[0]!r}? " if near else "")
                                 + f"{sched_cls.__name__} accepts: {', '.join(sorted(valid))}",
                                 problem=f"is not an argument of {sched_cls.__name__}")
-            data[key] = _coerce_kwarg(key, value, valid[key].default)
+            data[key] = check_argument(f"{field_name}.{key}", value, valid[key])
         missing = [n for n, p in valid.items() if p.default is p.empty and n not in data]
         if missing:
             raise SpecError(f"{field_name}.{missing[0]}", None, f"{sched_cls.__name__} needs {', '.join(missing)}",
@@ -349,11 +342,7 @@ class OptimizerSpec:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise SpecError("groups[].name", sorted(dup)[0], "give every group a unique name", problem="is used twice")
-        if no_decay not in ("auto", None):
-            if isinstance(no_decay, str):
-                no_decay = [no_decay]
-            check_selector("no_decay", list(no_decay))
-        self.no_decay = no_decay
+        self.no_decay = _check_no_decay(no_decay)
         self.layer_decay = _check_layer_decay(layer_decay)
         self.schedule = parse_schedule(schedule)
         if name is not None and (not isinstance(name, str) or not name):
@@ -377,11 +366,14 @@ class OptimizerSpec:
             if group.weight_decay and "weight_decay" not in valid:
                 raise SpecError(f"groups[{group.name}].weight_decay", group.weight_decay,
                                 f"remove it: {cls.__name__} has no weight decay", problem="would be ignored")
-            check_optimizer_kwargs(cls, group.options)
+            where = f"groups[{group.name}]." if group.name else "groups[]."
+            check_optimizer_kwargs(cls, group.options, prefix=where)
             for key, value in list(group.options.items()):
-                group.options[key] = _coerce_kwarg(key, value, valid[key].default)
+                if key in valid:
+                    group.options[key] = check_argument(where + key, value, valid[key])
         for key, value in list(kwargs.items()):
-            kwargs[key] = _coerce_kwarg(key, value, valid[key].default if key in valid else None)
+            if key in valid:  # else the class takes **kwargs: its dry run checks the value
+                kwargs[key] = check_argument(key, value, valid[key])
         base = {"lr": self.lr, **({"weight_decay": self.weight_decay} if "weight_decay" in valid else {}), **kwargs}
         defaults = _dry_run(cls, base, "")
         for group in self.groups:
@@ -393,7 +385,7 @@ class OptimizerSpec:
                                         f"{cls.__name__} reads it only when constructed, not per group",
                                         problem="would be ignored per group")
             if group.options:
-                _dry_run(cls, {**base, **group.options}, label)
+                _dry_run(cls, {**base, **group.options}, label, candidates=list(group.options))
         return kwargs
 
     @property
@@ -408,7 +400,7 @@ class OptimizerSpec:
             return data
         if not isinstance(data, Mapping):
             raise SpecError("spec", data, "give a mapping with 'optimizer' and 'lr'", problem="is not a mapping")
-        data = dict(data)
+        data = check_keys("", data)
         for required in ("optimizer", "lr"):
             if required not in data:
                 raise SpecError(required, None, f"add '{required}:' to the spec", problem="is missing")
@@ -457,13 +449,27 @@ class ChainSpec:
                  name: str | None = None) -> None:
         if isinstance(specs, Mapping) or not isinstance(specs, Sequence) or len(specs) < 2:
             raise SpecError("chain", specs, "list two or more optimizer specs", problem="is not a list of >= 2 specs")
-        self.specs = [OptimizerSpec.from_dict(s) for s in specs]
+        self.specs = []
+        for i, member in enumerate(specs):
+            try:
+                self.specs.append(OptimizerSpec.from_dict(member))
+            except SpecError as err:  # name the member: chain[1].betas
+                raise SpecError(f"chain[{i}].{err.field}" if err.field else f"chain[{i}]", err.value, err.fix,
+                                problem=err.problem) from None
+        if name is not None and (not isinstance(name, str) or not name):
+            raise SpecError("name", name, "give a non-empty string", problem="is not a valid name")
         for i, spec in enumerate(self.specs):
             if spec.schedule is not None:
                 raise SpecError(f"chain[{i}].schedule", spec.schedule.to_dict(), "move the schedule to the chain: "
                                 "ChainSpec(..., schedule=...) drives every member", problem="is set on a member")
         self.schedule = parse_schedule(schedule)
         self.name = name
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChainSpec:
+        """Build from ``{"chain": [...], "schedule": ..., "name": ...}`` (unknown keys are a SpecError)."""
+        data = check_keys("", data, allowed=("chain", "schedule", "name"))
+        return cls(data.pop("chain"), **data)
 
     @property
     def label(self) -> str:
@@ -480,28 +486,63 @@ class ChainSpec:
         return out
 
 
-def _dry_run(cls: type, kwargs: dict[str, Any], where: str) -> dict[str, Any] | None:
+def _dry_run(cls: type, kwargs: dict[str, Any], where: str, candidates: Sequence[str] | None = None
+             ) -> dict[str, Any] | None:
     """Construct ``cls`` on a tiny parameter so its own argument checks run now, before training.
 
     Returns the optimizer's ``defaults`` (the keys it honours per group), or None when the check is
-    inconclusive here (an error about devices: the real parameters may live elsewhere).
+    inconclusive here (an error about devices: the real parameters may live elsewhere). A rejection is
+    a SpecError naming the argument among ``candidates`` (default: all but ``lr``) that the message
+    names and without which construction works; failing that, one of either kind.
     """
-    probe = torch.nn.Parameter(torch.zeros(2, 2))
+
+    def construct(args: dict[str, Any]) -> torch.optim.Optimizer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls([torch.nn.Parameter(torch.zeros(2, 2))], **args)
+
     try:
-        return dict(cls([probe], **kwargs).defaults)
+        return dict(construct(kwargs).defaults)
     except SpecError as err:  # a kit optimizer's own check: keep its field, problem and fix
         field_name = f"{where}.{err.field}" if where else err.field
         problem = f"{err.problem or 'is invalid'} (checked by {cls.__name__})"
         raise SpecError(field_name, err.value, err.fix, problem=problem) from None
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the constructor raises, the spec is what is wrong
         message = str(err)
         if any(word in message.lower() for word in ("cuda", "cpu", "device")):
             return None
-        named = sorted((k for k in kwargs if k in message or k.rstrip("s") in message), key=len, reverse=True)
-        field_name = (f"{where}.{named[0]}" if where else named[0]) if named else (where or "optimizer arguments")
-        value = kwargs[named[0]] if named else kwargs
+        pool = [k for k in (kwargs if candidates is None else candidates) if k != "lr"]
+        named = [k for k in pool if k in message or k.rstrip("s") in message]
+
+        def works_without(key: str) -> bool:
+            try:
+                construct({k: v for k, v in kwargs.items() if k != key})
+            except Exception:  # noqa: BLE001
+                return False
+            return True
+
+        fixing = [k for k in pool if works_without(k)]
+        blamed = [k for k in named if k in fixing] or fixing or named
+        blamed.sort(key=len, reverse=True)
+        field_name = (f"{where}.{blamed[0]}" if where else blamed[0]) if blamed else (where or "optimizer")
+        value = kwargs[blamed[0]] if blamed else kwargs
         raise SpecError(field_name, value, f"give a value {cls.__name__} accepts",
-                        problem=f"is rejected by {cls.__name__} ({message})") from None
+                        problem=f"is rejected by {cls.__name__} ({type(err).__name__}: {message})") from None
+
+
+def _check_no_decay(no_decay: Any) -> str | list[Any] | None:
+    """``"auto"``, None, or the list of selectors (one selector is made a list of one)."""
+    if isinstance(no_decay, str) and no_decay == "auto" or no_decay is None:
+        return no_decay
+    if isinstance(no_decay, (list, tuple)):
+        selectors = list(no_decay)
+    elif isinstance(no_decay, (str, Mapping)) or inspect.isclass(no_decay) or callable(no_decay):
+        selectors = [no_decay]
+    else:
+        raise SpecError("no_decay", no_decay, "give 'auto', null (decay everything) or a list of parameter "
+                        "patterns such as ['*.bias', 'type:torch.nn.LayerNorm']", problem="is not a no-decay rule")
+    check_selector("no_decay", selectors)
+    return selectors
 
 
 def _check_layer_decay(layer_decay: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -555,8 +596,7 @@ def spec_from_data(data: Any) -> Any:
         if "optim" in data and len(data) == 1:
             return spec_from_data(data["optim"])
         if "chain" in data:
-            rest = dict(data)
-            return ChainSpec(rest.pop("chain"), **rest)
+            return ChainSpec.from_dict(data)
         return OptimizerSpec.from_dict(data)
     if isinstance(data, (list, tuple)):
         if not data:

@@ -8,11 +8,13 @@ text (YAML 1.1 reads ``1e-3`` as a string) is read as the number it spells.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from lightning_optkit.errors import SpecError
+from lightning_optkit.errors import SpecError, closest
 
 
 def number_from_text(text: str) -> float | None:
@@ -96,6 +98,8 @@ def number(
         raise fail("is not a number")
     else:
         parsed = value
+    if isinstance(parsed, int) and abs(parsed) > sys.float_info.max:
+        raise fail("is too large (beyond the float range)")  # math and torch would raise OverflowError
     if not math.isfinite(parsed):
         raise fail("is not finite")
     if integer and not float(parsed).is_integer():
@@ -124,3 +128,19 @@ def flag(field: str, value: Any, *, allow_none: bool = False, fix: str | None = 
         raise SpecError(field, value, fix or f"pass True or False{' or None' if allow_none else ''}",
                         problem="is not a bool")
     return value
+
+
+def check_keys(field_name: str, data: Mapping[Any, Any], allowed: Sequence[str] | None = None) -> dict[str, Any]:
+    """``data`` as a dict after checking that its keys are strings (YAML allows ``1:`` or ``null:`` keys) and,
+    when ``allowed`` is given, among ``allowed`` (a did-you-mean otherwise)."""
+    for key in data:
+        if not isinstance(key, str):
+            raise SpecError(f"{field_name}[{key!r}]" if field_name else repr(key), data[key],
+                            "write the key as a name (YAML reads 1:, true: or null: as non-text keys)",
+                            problem="has a key that is not a string")
+        if allowed is not None and key not in allowed:
+            near = closest(key, allowed)
+            raise SpecError(f"{field_name}.{key}" if field_name else key, data[key],
+                            (f"did you mean {near[0]!r}? " if near else "") + f"the keys are {', '.join(allowed)}",
+                            problem="is not a known key")
+    return dict(data)

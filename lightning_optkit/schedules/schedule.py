@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
+from lightning_optkit.arguments import check_argument
 from lightning_optkit.durations import fraction_to_count, parse_duration, resolve_duration, trainer_totals
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.schedules.curve import Curve
 from lightning_optkit.schedules.plateau import MetricReader, Plateau
 from lightning_optkit.schedules.scheduler import KitLRScheduler
 from lightning_optkit.schedules.shapes import ScheduleKind, get_schedule_kind
-from lightning_optkit.validation import flag, number
+from lightning_optkit.validation import check_keys, flag, number
 
 _FIELDS = ("warmup", "total", "warmup_start_factor", "min_lr_ratio", "interval")
 _DEFAULTS: dict[str, Any] = {
@@ -45,7 +46,7 @@ def _coerce_kwarg(kind: ScheduleKind, key: str, value: Any) -> Any:
         return number(f"schedule.{key}", value, integer=True)
     if isinstance(default, float) or annotation == "float":
         return number(f"schedule.{key}", value)
-    return value
+    return check_argument(f"schedule.{key}", value, param)
 
 
 def _ratio(field: str, value: Any) -> float:
@@ -160,7 +161,7 @@ class Schedule:
                 "give a mapping with 'name' (e.g. {name: cosine, warmup: 100})",
                 problem="is not a schedule mapping",
             )
-        data = dict(data)
+        data = check_keys("schedule", data)
         return cls(data.pop("name"), **data)
 
     def to_dict(self) -> dict[str, Any]:

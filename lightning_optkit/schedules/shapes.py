@@ -347,7 +347,8 @@ def onecycle(
     three_phase: bool = False,
 ) -> float:
     """The 1cycle policy relative to the group's lr (torch OneCycleLR with max_lr = the group's lr,
-    ``cycle_momentum=False``); holds its final value from step ``total - 1`` on."""
+    ``cycle_momentum=False``); holds its final value from step ``total - 1`` on. A rise of one step
+    (``pct_start * total == 1``) starts at the peak."""
     step = min(step, decay_steps - 1)
     initial, peak, final = 1.0 / div_factor, 1.0, 1.0 / (div_factor * final_div_factor)
     rise_end = pct_start * decay_steps - 1
@@ -362,7 +363,10 @@ def onecycle(
     start = 0.0
     for i, (end, lo, hi) in enumerate(phases):
         if step <= end or i == len(phases) - 1:
-            return _anneal(lo, hi, (step - start) / (end - start), anneal_strategy)
+            # a phase of no length (pct_start * total == 1 step: the rise is step 0 alone) is at its end
+            # value, where torch's OneCycleLR divides by zero
+            pct = (step - start) / (end - start) if end > start else 1.0
+            return _anneal(lo, hi, pct, anneal_strategy)
         start = end
     raise AssertionError("unreachable")
 

@@ -80,6 +80,7 @@ class OptimizerMixin:
         callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
         if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
             return callbacks
+        from lightning_optkit.callbacks.plateau_check import PlateauMonitorCheck
         from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
         from lightning_optkit.distributed.resume import RestoreLoaderPosition
         from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
@@ -96,6 +97,9 @@ class OptimizerMixin:
         if any(isinstance(s, Schedule) for s in schedules) and not any(
                 isinstance(c, RestoreLoaderPosition) for c in callbacks):
             callbacks.append(RestoreLoaderPosition())
+        if any(isinstance(s, Schedule) and s.name == "plateau" for s in schedules) and not any(
+                isinstance(c, PlateauMonitorCheck) for c in callbacks):
+            callbacks.append(PlateauMonitorCheck())
         return callbacks
 
     # --- manual optimization ---------------------------------------------------------------------
@@ -165,6 +169,14 @@ class OptimizerMixin:
                 raise SpecError("monitor", monitor, f"log it with self.log({monitor!r}, ...) before the scheduler "
                                 f"steps, or set strict: false; available: {sorted(trainer.callback_metrics)}",
                                 problem="is not a logged metric")
+            warned = self.__dict__.setdefault("_optkit_missing_warned", set())
+            if monitor not in warned:  # strict: false: once per monitor, as Lightning warns for its own
+                warned.add(monitor)
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"ReduceLROnPlateau monitors {monitor!r}, which is not logged (available: "
+                               f"{sorted(trainer.callback_metrics)}); the lr is not reduced (strict: false)",
+                               category=RuntimeWarning)
             return
         config.scheduler.step(value)
 

@@ -571,8 +571,32 @@ def _check_layer_decay(layer_decay: Mapping[str, Any] | None) -> dict[str, Any] 
     return {"rate": rate, "depth": depth}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last).
+
+    Keys brought in by a merge (``<<: *base``) may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise SpecError("spec YAML", key, "keep one of the two: YAML would silently use the last one",
+                                problem=f"is a key given twice in one mapping (lines {first} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path_or_text: str | Path) -> Any:
-    """Read YAML from a file path or from text."""
+    """Read YAML from a file path or from text; a key given twice in one mapping is a SpecError."""
     text = str(path_or_text)
     candidate = Path(text)
     if "\n" not in text and candidate.suffix in (".yaml", ".yml"):
@@ -580,7 +604,7 @@ def load_yaml(path_or_text: str | Path) -> Any:
             raise SpecError("spec file", text, "check the path", problem="does not exist")
         text = candidate.read_text()
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as err:
         raise SpecError("spec YAML", text[:60], f"fix the YAML syntax ({err})", problem="cannot be parsed") from None
 

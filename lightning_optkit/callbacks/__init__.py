@@ -3,6 +3,7 @@
 from lightning_optkit.callbacks.clipping import CLIP_ALGORITHMS, GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
+from lightning_optkit.callbacks.plateau_check import PlateauMonitorCheck
 from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
 from lightning_optkit.callbacks.unfreeze import Unfreeze
 
@@ -11,6 +12,7 @@ __all__ = [
     "GradientClipping",
     "NonFiniteGuard",
     "OptimizerMonitor",
+    "PlateauMonitorCheck",
     "ScheduleFreeMode",
     "TooManySkippedSteps",
     "Unfreeze",

@@ -222,13 +222,21 @@ class _StepNorms:
     pre: dict[float, list[torch.Tensor]]
     rescan: bool = False
     deferred: torch.Tensor | None = None
+    versions: list[int] | None = None  # the gradients' version counters when last measured or noted
 
 
 # One entry is enough: Lightning runs every callback for one optimizer step before the next
 # optimizer's. An entry is reused only for the same optimizer and step and the very same gradient
 # tensors: ids alone are not enough, as a gradient replaced within a step (LBFGS re-runs the
-# closure: zero_grad, then backward) can get a freed one's address.
+# closure: zero_grad, then backward) can get a freed one's address. And only while their contents are
+# the ones measured: a gradient changed in place by something other than the kit's clipping (which
+# reports its changes, note_grads_modified), e.g. a user callback writing an inf, is measured again.
 _STEP_NORMS: list[_StepNorms | None] = [None]
+
+
+def _versions(grads: list[torch.Tensor]) -> list[int]:
+    # Tensor._version counts in-place writes; torch has no public equivalent (plateau.py reads it too)
+    return [g._version for g in grads]
 
 
 def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
@@ -241,7 +249,11 @@ def _step_entry(trainer: pl.Trainer, raw: torch.optim.Optimizer, grads: list[tor
     entry = _STEP_NORMS[0]
     if entry is None or entry.key != key or not all(ref() is g for ref, g in zip(entry.refs, grads)):
         norms = {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}}
-        entry = _STEP_NORMS[0] = _StepNorms(key, [weakref.ref(g) for g in grads], norms)
+        entry = _STEP_NORMS[0] = _StepNorms(key, [weakref.ref(g) for g in grads], norms, versions=_versions(grads))
+    elif entry.versions != _versions(grads):  # changed in place without note_grads_modified: measure again
+        entry.pre = {t: tensor_norms(grads, t) for t in entry.pre}
+        entry.rescan = False  # `pre` now holds the gradients as they are (a deferred scale still applies)
+        entry.versions = _versions(grads)
     if norm_type not in entry.pre:  # undeclared norm type: computed now, on the gradients as they are
         entry.pre[norm_type] = tensor_norms(grads, norm_type)
     return entry
@@ -303,6 +315,7 @@ def note_grads_modified(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
         entry.rescan = True
     else:
         entry.deferred = deferred_scale if entry.deferred is None else entry.deferred * deferred_scale
+    entry.versions = [-1 if (g := ref()) is None else g._version for ref in entry.refs]  # the change is known
 
 
 def take_deferred_scale(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

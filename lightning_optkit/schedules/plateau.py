@@ -10,8 +10,11 @@ new one: a validation result stays the same tensor object in ``callback_metrics`
 validation replaces it, so a stale value is recognised without reading it (no host sync). The new
 value is read (one sync) once per validation. The reduction therefore applies from the second
 optimizer step after the validation that caused it (Lightning's own plateau path: the first).
-With ``strict=True`` a monitor that is still missing once the first validation epoch has passed
-raises SpecError listing the available metrics.
+A monitor that is still missing at the end of a full training epoch after which validation ran (or,
+from steps alone, once the first validation epoch has passed) raises SpecError listing the available
+metrics with ``strict=True`` (as Lightning does for its own ReduceLROnPlateau), and warns once with
+``strict=False``. The epoch-end check is :class:`~lightning_optkit.callbacks.PlateauMonitorCheck`,
+which OptimizerMixin adds when a spec has a plateau schedule.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class MetricReader:
         self.strict = strict
         self._last: Any = None  # the last value itself, kept alive so its storage is not reused
         self._last_key: Any = None
+        self.warned = False  # strict=False: a missing monitor is reported once
 
     def new_value(self) -> Any:
         """The monitored value if it changed since the last call, else None."""
@@ -121,16 +125,27 @@ class MetricReader:
 
     def _check_missing(self, trainer: Any, metrics: dict[str, Any]) -> None:
         every = getattr(trainer, "check_val_every_n_epoch", None)
-        if (
-            self.strict
-            and every is not None
-            and trainer.current_epoch >= every
-            and not trainer.sanity_checking
-        ):
+        if every is not None and trainer.current_epoch >= every and not trainer.sanity_checking:
+            self.report_missing(trainer)
+
+    def report_missing(self, trainer: Any) -> None:
+        """The monitor should exist by now but does not: SpecError with ``strict``, else one warning per fit."""
+        metrics = sorted(trainer.callback_metrics)
+        if self.strict:
             raise SpecError(
                 "schedule.monitor",
                 self.monitor,
                 "log it with self.log(...) (e.g. in "
                 "validation_step), or set strict=False to keep the lr until it appears",
-                problem=f"is not in trainer.callback_metrics after validation (available: {sorted(metrics)})",
+                problem=f"is not in trainer.callback_metrics after a training epoch and its validation "
+                f"(available: {metrics})",
+            )
+        if not self.warned:
+            self.warned = True
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"The plateau schedule monitors {self.monitor!r}, which is not logged (available: {metrics}); "
+                "the lr is not reduced until it appears (strict=False). Log it with self.log, or fix the name.",
+                category=RuntimeWarning,
             )

@@ -43,9 +43,20 @@ def _probe(op: OptimizerPlan, sparse_ids: frozenset[int]) -> Callable[[], torch.
     groups, kwargs = _constructor_args(op)
     spec = op.spec
     options = [(f"groups[{g.name}]" if g.name else "groups[]", list(g.options)) for g in spec.groups if g.options]
+    split_by = "groups" if spec.groups else "layer_decay" if spec.layer_decay else "no_decay"
+    named = {g.name: g for g in spec.groups if g.name}
+    set_by: list[dict[str, tuple[str, Any]]] = []
+    for torch_group in op.groups:  # which group field set each torch group's lr and weight decay
+        group = named.get(torch_group.name.split("/")[0])
+        fields: dict[str, tuple[str, Any]] = {}
+        if group is not None:
+            for key, attr in (("lr", "lr"), ("lr", "lr_scale"), ("weight_decay", "weight_decay")):
+                if key not in fields and getattr(group, attr) is not None:
+                    fields[key] = (f"groups[{group.name}].{attr}", getattr(group, attr))
+        set_by.append(fields)
     return probe_optimizer_step(spec.optimizer_cls, groups, kwargs, optimizer_name=spec.optimizer,
                                 user_kwargs=list(spec.optimizer_kwargs), group_options=options,
-                                sparse_ids=sparse_ids)
+                                sparse_ids=sparse_ids, split_by=split_by, set_by=set_by)
 
 
 def _instantiate(op: OptimizerPlan) -> torch.optim.Optimizer:
@@ -75,14 +86,15 @@ def _probe_torch_schedule(schedule: Any, new_optimizer: Callable[[], torch.optim
                     steps=steps, plateau=issubclass(schedule.cls, torch.optim.lr_scheduler.ReduceLROnPlateau))
 
 
-def _check_kit_curve(config: dict | None) -> None:
+def _check_kit_curve(schedule: Any, config: dict | None) -> None:
     """A kit schedule's multiplier evaluated at its ends and phase boundaries, before the first batch."""
     if config is None or not isinstance(config["scheduler"], KitLRScheduler):
         return
     curve = config["scheduler"].curve
     start = curve.warmup_end_step()
     end = curve.total * curve.tick if curve.total is not None else start + 10
-    check_curve(curve, [0, 1, 2, start - 1, start, start + 1, (start + end) // 2, end - 2, end - 1, end, end + 1])
+    check_curve(curve, [0, 1, 2, start - 1, start, start + 1, (start + end) // 2, end - 2, end - 1, end, end + 1],
+                dict(getattr(schedule, "kwargs", {})))
 
 
 def _schedule(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, name: str | None,
@@ -160,7 +172,14 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     the_plan = plan(module, spec)
     _refuse_per_shard_rules(the_plan.optimizers, trainer)
     sparse_ids = sparse_grad_ids(module)
-    probes = [_probe(op, sparse_ids) for op in the_plan.optimizers]
+    probes = []
+    for i, op in enumerate(the_plan.optimizers):
+        try:
+            probes.append(_probe(op, sparse_ids))
+        except SpecError as err:
+            if not isinstance(spec, ChainSpec):
+                raise
+            raise SpecError(f"chain[{i}].{err.field}", err.value, err.fix, problem=err.problem) from None
     if isinstance(spec, ChainSpec):
         from lightning_optkit.optim.chained import ChainedOptimizer
 
@@ -169,12 +188,12 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
         chained = None if None in probes else (lambda: ChainedOptimizer([make() for make in probes]))
         _probe_torch_schedule(spec.schedule, chained, trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
-        _check_kit_curve(config)
+        _check_kit_curve(spec.schedule, config)
     elif isinstance(spec, OptimizerSpec):
         optimizer = _instantiate(the_plan.optimizers[0])
         _probe_torch_schedule(spec.schedule, probes[0], trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
-        _check_kit_curve(config)
+        _check_kit_curve(spec.schedule, config)
     else:
         total = _per_optimizer_total(trainer, len(the_plan.optimizers))
         result = []
@@ -182,7 +201,7 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
             optimizer = _instantiate(op)
             _probe_torch_schedule(op.spec.schedule, probe, trainer)
             config = _schedule(op.spec.schedule, optimizer, trainer, op.spec.name, total)
-            _check_kit_curve(config)
+            _check_kit_curve(op.spec.schedule, config)
             result.append({"optimizer": optimizer} if config is None else {"optimizer": optimizer,
                                                                          "lr_scheduler": config})
         return result

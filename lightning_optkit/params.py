@@ -380,8 +380,13 @@ def plan(module: nn.Module, spec: Any) -> Plan:
     order = {n: i for i, (n, _) in enumerate(module.named_parameters())}
     result = Plan()
     result.optimizers = []
-    for s, label, params in zip(specs, labels, assigned):
-        op = _plan_one(module, s, params, owner_of, label)
+    for i, (s, label, params) in enumerate(zip(specs, labels, assigned)):
+        try:
+            op = _plan_one(module, s, params, owner_of, label)
+        except SpecError as err:
+            if field != "chain":
+                raise
+            raise SpecError(f"chain[{i}].{err.field}", err.value, err.fix, problem=err.problem) from None  # the member
         result.optimizers.append(op)
         for g in op.groups:
             for n, p in zip(g.names, g.params):

@@ -144,7 +144,9 @@ class ParamGroup:
             raise SpecError("groups[]", data, "give a mapping with at least 'params'", problem="is not a mapping")
         data = check_keys("groups[]", data)
         if "params" not in data:
-            raise SpecError("groups[]", data, "add 'params: <pattern>'", problem="has no 'params'")
+            name = data.get("name")
+            raise SpecError(f"groups[{name if isinstance(name, str) else ''}].params", None,
+                            "add 'params: <pattern>' to the group", problem="is missing")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -403,7 +405,9 @@ class OptimizerSpec:
         data = check_keys("", data)
         for required in ("optimizer", "lr"):
             if required not in data:
-                raise SpecError(required, None, f"add '{required}:' to the spec", problem="is missing")
+                near = closest(required, data)
+                hint = f" (is {near[0]!r} a misspelling of it?)" if near else ""
+                raise SpecError(required, None, f"add '{required}:' to the spec{hint}", problem="is missing")
         return cls(**data)
 
     @classmethod

@@ -33,10 +33,17 @@ def _coerce_kwarg(kind: ScheduleKind, key: str, value: Any) -> Any:
     default = param.default
     annotation = getattr(param.annotation, "__name__", str(param.annotation))
     if key in kind.durations:
-        if isinstance(value, (list, tuple)):
+        takes_list = any(word in str(param.annotation) for word in ("Sequence", "list", "tuple"))
+        if isinstance(value, (list, tuple)) and takes_list:
             for i, item in enumerate(value):
                 parse_duration(item, field=f"schedule.{key}[{i}]")
             return list(value)
+        if takes_list:
+            raise SpecError(f"schedule.{key}", value, "give a list of durations, e.g. [1000, 2000] or ['50%', "
+                            "'75%']", problem="is not a list")
+        if value is None and default is not None:
+            raise SpecError(f"schedule.{key}", value, "give a duration: an int (steps), '500steps', '2ep' or '10%'",
+                            problem="is not a duration")
         if value is not None:
             parse_duration(value, field=f"schedule.{key}")
         return value
@@ -82,7 +89,9 @@ class Schedule:
         self.kind = get_schedule_kind(name)
         self.name = self.kind.name
         parse_duration(warmup, field="schedule.warmup")
-        parse_duration(total, field="schedule.total")
+        if parse_duration(total, field="schedule.total").amount == 0:
+            raise SpecError("schedule.total", total, "give a positive duration (default '100%': the whole fit)",
+                            problem="is zero")
         self.warmup = warmup
         self.total = total
         self.warmup_start_factor = _ratio("warmup_start_factor", warmup_start_factor)

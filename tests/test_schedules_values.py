@@ -85,7 +85,9 @@ def warm(t: int, w: int, s: float) -> float:
         ("exponential", {"gamma": "0.9"}, lambda s, d: 0.9**s),
         ("wsd", {"decay": "20%"}, lambda s, d: 1.0 if s < 35 - 8 else 1 - (s - 27) / 8),
         ("wsd", {"decay": 10, "decay_shape": "1-sqrt"}, lambda s, d: 1.0 if s < 25 else 1 - math.sqrt((s - 25) / 10)),
-        ("cosine_restarts", {"period": 7}, lambda s, d: 0.5 * (1 + math.cos(math.pi * (s % 7) / 7))),
+        # at the end (s = d = 35, a cycle boundary) the last cycle ends at its bottom, it does not restart
+        ("cosine_restarts", {"period": 7},
+         lambda s, d: 0.5 * (1 + math.cos(math.pi * (s % 7 if s < d or s % 7 else 7) / 7))),
     ],
 )
 def test_closed_form_with_warmup_and_floor(name, kwargs, decay) -> None:

@@ -70,8 +70,13 @@ def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
 
 
 def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """AGC unit-wise norms: per output unit (row/filter) for ndim > 1, whole tensor otherwise."""
-    x = x.detach().float()
+    """AGC unit-wise norms: per output unit (row/filter) for ndim > 1, whole tensor otherwise.
+
+    In the tensor's precision (float64 for float64 weights, as timm's AGC), float32 for bf16/fp16.
+    """
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x, norm_type)
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
@@ -397,7 +402,8 @@ class GradientClipping(LeanCallback):
         if state is None:
             state = self._new_state()
             self._states[idx] = state
-        fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device)
+        fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device,
+                              dtype=total.dtype)
         if isinstance(state, RunningNormStats):
             upper = state.upper(self.options["z_thresh"], device)
             threshold = torch.where(state.ready(device), upper, fallback)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +20,19 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_demo_trains_and_writes_an_offline_wandb_run(tmp_path) -> None:
-    result = run_cli("demo", "--epochs", "2", "--save-dir", str(tmp_path / "demo"), cwd=tmp_path)
+    result = run_cli("demo", "--epochs", "2", "--save-dir", "demo", cwd=tmp_path)  # relative, as the default is
     assert result.returncode == 0, result.stderr[-2000:]
     assert "backbone" in result.stdout and "head" in result.stdout  # the plan table
     assert "final: val_acc=" in result.stdout
-    assert "W&B run (offline) written to" in result.stdout
     runs = list((tmp_path / "demo" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    # the printed path and command work from any folder: absolute, with this environment's wandb
+    written = re.search(r"W&B run \(offline\) written to (\S+)\n", result.stdout)
+    assert written and Path(written.group(1)).is_absolute(), result.stdout
+    assert Path(written.group(1)) == runs[0].parent.resolve()
+    command = re.search(r"upload it later with: (.+)\n", result.stdout).group(1)
+    assert shlex.split(command) == [str(Path(sys.executable).parent / "wandb"), "sync", written.group(1)]
+    assert Path(shlex.split(command)[0]).exists()
 
 
 def test_plan_command_prints_the_assignment(tmp_path, capsys) -> None:

@@ -95,6 +95,44 @@ def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> No
                             "each rank only shards of them")
 
 
+def _refuse_lightning_clip_of_fused(optimizers: list[torch.optim.Optimizer], module: nn.Module, trainer: Any) -> None:
+    """Refuse ``Trainer(gradient_clip_val=...)`` where Lightning would raise at the first batch.
+
+    Lightning 2.6.6's mixed-precision plugin (``16-mixed``, ``bf16-mixed``) raises a RuntimeError in its
+    ``clip_gradients`` for an optimizer that sets ``_step_supports_amp_scaling`` (it unscales inside
+    its step: FusedAdamW, torch's ``fused=True`` optimizers), when automatic optimization reaches
+    Lightning's own ``configure_gradient_clipping``. Same test, raised before training, with the fix.
+    """
+    clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+    if not clip:
+        return
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    if not isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision):
+        return
+    if not isinstance(module, LightningModule) or not module.automatic_optimization:
+        return
+    if type(module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
+        return  # the module clips its own way; Lightning's check may not run
+    from lightning_optkit.optim.fused_adamw import FusedAdamW
+
+    for optimizer in optimizers:
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            continue
+        name = type(optimizer).__name__
+        algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+        callback = (f"GradientClipping(algorithm='value', max_value={clip})" if "value" in algorithm
+                    else f"GradientClipping(max_norm={clip})")
+        fix = f"remove gradient_clip_val and add {callback} to the Trainer's callbacks"
+        if isinstance(optimizer, FusedAdamW) and "value" not in algorithm:
+            fix = (f"remove gradient_clip_val and set max_grad_norm: {clip} in the spec (clipped inside the fused "
+                   f"step), or add {callback} to the Trainer's callbacks")
+        raise SpecError("Trainer(gradient_clip_val)", clip, fix,
+                        problem=f"cannot clip {name} under precision={trainer.precision!r}: Lightning refuses its "
+                        "own clipping for optimizers that unscale gradients inside their step")
+
+
 def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     """Build the optimizers (and schedulers) that ``spec`` describes for ``module``.
 
@@ -112,9 +150,11 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
 
         optimizer: torch.optim.Optimizer = ChainedOptimizer([_instantiate(op) for op in the_plan.optimizers])
         optimizer.optkit_name = spec.label
+        _refuse_lightning_clip_of_fused([optimizer], module, trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
     elif isinstance(spec, OptimizerSpec):
         optimizer = _instantiate(the_plan.optimizers[0])
+        _refuse_lightning_clip_of_fused([optimizer], module, trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
     else:
         total = _per_optimizer_total(trainer, len(the_plan.optimizers))

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.extras import MissingExtra
 
 
 def _import_from_cwd(module_name: str) -> None:
@@ -20,7 +21,8 @@ def _import_from_cwd(module_name: str) -> None:
         sys.path.insert(0, cwd)
 
 
-def _load_model(target: str):
+def load_model(target: str):
+    """Construct ``module:ClassName`` (the module imported from the current folder or the installed packages)."""
     module_name, _, attr = target.partition(":")
     if not attr or not module_name:
         raise SpecError("model", target, "write it as module:ClassName, e.g. mymodels:Net for the class Net in "
@@ -60,7 +62,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     from lightning_optkit.params import plan
     from lightning_optkit.spec import load_yaml, spec_from_data
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     print(plan(model, spec_from_data(load_yaml(args.spec))))
     return 0
 
@@ -89,12 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("spec", help="the spec as a YAML file")
     plan_cmd.set_defaults(func=_plan_command)
 
-    try:
-        from lightning_optkit.schedule_preview import register_cli
-    except ImportError:  # the schedule preview needs matplotlib only when used
-        pass
-    else:
-        register_cli(sub)
+    from lightning_optkit.schedule_preview import register_cli  # matplotlib is imported only to plot
+
+    register_cli(sub)
     return parser
 
 
@@ -103,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SpecError as err:
+    except (SpecError, MissingExtra) as err:
         print(f"optkit {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -44,7 +44,7 @@ def _project_requirements(extras: list[str]) -> list[Requirement]:
         assert not unknown, f"scripts/demo.sh installs extras {unknown} that pyproject.toml does not define"
         lines = list(project["dependencies"]) + [r for e in extras for r in optional[e]]
         return [Requirement(line) for line in lines]
-    return _requires(canonicalize_name("lightning_optkit"), frozenset(extras))  # pragma: no cover
+    return _requires(canonicalize_name("lightning_optkit"), frozenset(extras))  # Python 3.10: the installed metadata
 
 
 def _requires(dist_name: str, extras: frozenset[str]) -> list[Requirement]:
@@ -57,7 +57,7 @@ def _requires(dist_name: str, extras: frozenset[str]) -> list[Requirement]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def closure(extras: tuple[str, ...]) -> frozenset[str]:
     """Canonical names of the distributions ``pip install lightning_optkit[extras]`` brings in (installed ones)."""
     seen: set[str] = {canonicalize_name("lightning_optkit")}
@@ -65,19 +65,18 @@ def closure(extras: tuple[str, ...]) -> frozenset[str]:
     while todo:
         req, req_extras = todo.pop()
         name = canonicalize_name(req.name)
-        key = name
         try:
             md.distribution(name)
         except md.PackageNotFoundError:
             continue  # not installed here (e.g. a platform-specific dependency)
-        if key in seen and not req_extras:
+        if name in seen and not req_extras:
             continue
-        seen.add(key)
+        seen.add(name)
         todo += [(r, frozenset(r.extras)) for r in _requires(name, req_extras)]
     return frozenset(seen)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hidden(extras: tuple[str, ...], also: tuple[str, ...] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(top-level modules, distribution names) installed here outside :func:`closure`, plus the modules
     ``also`` and the distributions that provide them."""

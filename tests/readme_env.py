@@ -60,20 +60,19 @@ def _requires(dist_name: str, extras: frozenset[str]) -> list[Requirement]:
 @functools.cache
 def closure(extras: tuple[str, ...]) -> frozenset[str]:
     """Canonical names of the distributions ``pip install lightning_optkit[extras]`` brings in (installed ones)."""
-    seen: set[str] = {canonicalize_name("lightning_optkit")}
-    todo = [(r, frozenset(r.extras)) for r in _project_requirements(list(extras))]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(canonicalize_name(r.name), frozenset(r.extras)) for r in _project_requirements(list(extras))]
     while todo:
-        req, req_extras = todo.pop()
-        name = canonicalize_name(req.name)
+        name, req_extras = todo.pop()
+        if (name, req_extras) in seen:
+            continue
         try:
             md.distribution(name)
         except md.PackageNotFoundError:
             continue  # not installed here (e.g. a platform-specific dependency)
-        if name in seen and not req_extras:
-            continue
-        seen.add(name)
-        todo += [(r, frozenset(r.extras)) for r in _requires(name, req_extras)]
-    return frozenset(seen)
+        seen.add((name, req_extras))
+        todo += [(canonicalize_name(r.name), frozenset(r.extras)) for r in _requires(name, req_extras)]
+    return frozenset({name for name, _ in seen} | {canonicalize_name("lightning_optkit")})
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from lightning_optkit.callbacks._step_context import (
     refuse_sharded_strategy,
     take_deferred_scale,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -232,6 +232,7 @@ class GradientClipping(LeanCallback):
                                     "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
                                     "own sharded clip_grad_norm_ (or use strategy='ddp')")
             self._key_prefix = self._own_key_prefix(trainer)
+            join_rows(trainer)  # one row per step with Lightning's own
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
             self.last_total_norm = self.last_clip_coef = self.last_threshold = None
@@ -354,8 +355,9 @@ class GradientClipping(LeanCallback):
         self._steps.end_training(trainer, lambda item, step: self._record(trainer, *item, step=step))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
-        flush_step_metrics(trainer)
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row) and give the
+        loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],

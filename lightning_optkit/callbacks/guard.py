@@ -24,7 +24,7 @@ from lightning_optkit.callbacks._step_context import (
     run_after_gradient_readers,
     step_grad_norms,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
@@ -166,6 +166,7 @@ class NonFiniteGuard(LeanCallback):
             self._tracks = {}
             self.last_skip = None
             self._steps.reset()
+            join_rows(trainer)  # one row per step with Lightning's own
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
             run_after_gradient_readers(trainer, self)
@@ -284,8 +285,9 @@ class NonFiniteGuard(LeanCallback):
         self._check_all(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
-        flush_step_metrics(trainer)
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row) and give the
+        loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

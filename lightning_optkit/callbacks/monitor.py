@@ -22,6 +22,12 @@ from lightning_optkit.callbacks._step_context import (
     run_before,
     step_grad_norms,
 )
+from lightning_optkit.callbacks._step_metrics import (
+    join_rows,
+    record_host_metrics,
+    seal_step_metrics,
+    stop_joining_rows,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.validation import flag, number
@@ -257,6 +263,7 @@ class OptimizerMonitor(LeanCallback):
                            "which turns logging off: the monitor will log nothing. "
                            "Pass every_n_steps to log anyway.")
         self._active = trainer.global_rank == 0 and self._every >= 1
+        join_rows(trainer)  # one row per step with Lightning's own and the other kit callbacks'
         self._clips = _find_clipping_callbacks(trainer)
         if self._clips:
             run_before(trainer, self, self._clips[0])
@@ -449,12 +456,16 @@ class OptimizerMonitor(LeanCallback):
         return metrics, histogram_values
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
-        step = logger_step(trainer)
-        extra: dict[str, Any] = {}
+        """Add the values to the step's row (written with Lightning's own row and the other kit callbacks')."""
+        only_for: dict[Any, dict[str, Any]] = {}
         if self.histograms and histogram_values:
             import wandb
 
-            extra["grad_norm/layer_histogram"] = wandb.Histogram(histogram_values)
-        for logger in trainer.loggers:
-            row = {**metrics, **extra} if (extra and logger in self._wandb_loggers) else metrics
-            logger.log_metrics(row, step=step)
+            histogram = wandb.Histogram(histogram_values)
+            only_for = {lg: {"grad_norm/layer_histogram": histogram} for lg in self._wandb_loggers}
+        record_host_metrics(trainer, metrics, step=logger_step(trainer), only_for=only_for)
+        seal_step_metrics(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write a row Lightning did not join and give the loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)

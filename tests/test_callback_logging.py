@@ -224,3 +224,27 @@ def test_every_logging_step_is_one_csv_row_with_its_epoch(tmp_path, quiet_traine
     if user_logs:  # Lightning's validation rows stay its own, at the step of the epoch's last batch
         val_steps = [int(row["step"]) for row in rows if row.get("val_loss", "") != ""]
         assert val_steps == [per_epoch * e - 1 for e in (1, 2)]
+
+
+@pytest.mark.parametrize("exclude", [(), ("net.2",)])
+def test_the_pre_clip_norm_is_logged_once_by_its_owner(tmp_path, quiet_trainer_kwargs, exclude):
+    """With OptimizerMonitor, grad_norm/total is the pre-clip norm; GradientClipping logs its total_norm only
+    when it is a different number (here: with exclude=, the norm of the parameters it clips)."""
+    from lightning_optkit.callbacks.monitor import OptimizerMonitor
+
+    logger = CSVLogger(str(tmp_path))
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=4, log_every_n_steps=2,
+                         callbacks=[GradientClipping(max_norm=0.5, exclude=exclude), OptimizerMonitor()])
+    trainer.fit(Regressor("sgd"), make_loader())
+    rows = read_rows(logger)
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for row in rows:
+        assert "grad_norm/clip_coef" not in row  # grad_clip/clip_coef is the coefficient
+        assert row["grad_clip/clip_coef"] == pytest.approx(
+            min(1.0, 0.5 / ((row["grad_clip/total_norm"] if exclude else row["grad_norm/total"]) + 1e-6)), rel=1e-5)
+        if exclude:
+            assert row["grad_clip/total_norm"] < row["grad_norm/total"]
+        else:
+            assert "grad_clip/total_norm" not in row
+    norm = trainer.callback_metrics["grad_clip/total_norm"].item()  # still there for EarlyStopping & co.
+    assert norm == pytest.approx(rows[-1]["grad_clip/total_norm" if exclude else "grad_norm/total"], rel=1e-6)

@@ -138,7 +138,7 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
         assert row["grad_norm/total"] == pytest.approx(ref["grad"], rel=REL)
         coef = min(1.0, 0.05 / (ref["grad"] + 1e-6))
         clipped_somewhere |= coef < 1
-        assert row["grad_norm/clip_coef"] == pytest.approx(coef, rel=REL)
+        assert row["grad_clip/clip_coef"] == pytest.approx(coef, rel=REL)  # one owner of each key, one row
         assert row["grad_norm/total_clipped"] == pytest.approx(ref["grad"] * coef, rel=REL)
         assert row["param_norm/total"] == pytest.approx(ref["param"], rel=REL)
         assert row["update_norm/total"] == pytest.approx(ref["update"], rel=REL)
@@ -150,13 +150,12 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
         hist = row["grad_norm/layer_histogram"]
         assert hist["_type"] == "histogram" and sum(hist["values"]) == 3  # one count per layer
     assert clipped_somewhere, "max_norm too large: the clipped keys were never exercised"
-    # GradientClipping's own row reaches W&B at the same steps, with the same pre-clip norm
-    clip_rows = {r["trainer/global_step"]: r for r in read_history(tmp_path) if "grad_clip/total_norm" in r}
-    assert sorted(clip_rows) == [1, 3, 5]
-    for row in rows:
-        clip_row = clip_rows[row["trainer/global_step"]]
-        assert clip_row["grad_clip/total_norm"] == pytest.approx(row["grad_norm/total"], rel=REL)
-        assert clip_row["grad_clip/clip_coef"] == pytest.approx(row["grad_norm/clip_coef"], rel=REL)
+    # GradientClipping's values are in the same W&B row; the pre-clip norm is the monitor's alone
+    history = read_history(tmp_path)
+    assert [r["trainer/global_step"] for r in history if "grad_clip/clip_coef" in r] == [1, 3, 5]
+    assert not any("grad_clip/total_norm" in r or "grad_norm/clip_coef" in r for r in history)
+    assert trainer.callback_metrics["grad_clip/total_norm"].item() == pytest.approx(rows[-1]["grad_norm/total"],
+                                                                                      rel=REL)
     # the lr logged is the one the step used: StepLR(gamma=0.8) per step, starting at 0.1
     assert [r["lr/body"] for r in rows] == pytest.approx([0.1 * 0.8**s for s in (1, 3, 5)], rel=1e-12)
 
@@ -262,7 +261,7 @@ def test_clipped_norm_is_the_post_clip_norm_and_never_stale(tmp_path, quiet_trai
     for row in rows:
         if clip_refreshed:
             assert row["grad_norm/total_clipped"] == pytest.approx(post.norms[int(row["step"])], rel=REL)
-            assert row["grad_norm/clip_coef"] < 1
+            assert row["grad_clip/clip_coef"] < 1 and "grad_norm/clip_coef" not in row  # the clipper's key
         else:  # a coefficient from an earlier step is left out rather than misreported
             assert "grad_norm/total_clipped" not in row and "grad_norm/clip_coef" not in row
 
@@ -342,14 +341,15 @@ def test_clipping_guard_and_monitor_name_several_optimizers_alike(tmp_path, quie
     assert len(rows) == 3
     keys = set().union(*rows)
     for label in ("Adam", "Adam-1"):
-        assert {f"grad_clip/{label}/total_norm", f"grad_clip/{label}/clip_coef", f"guard/{label}/skipped_steps",
+        assert {f"grad_clip/{label}/clip_coef", f"guard/{label}/skipped_steps",
                 f"guard/{label}/consecutive_skips", f"lr/{label}/pg0", f"grad_norm/{label}/total"} <= keys
+        assert f"grad_clip/{label}/total_norm" not in keys  # the monitor's grad_norm/<label>/total is that norm
     assert not any("_opt" in k for k in keys)
-    for row in rows:  # the same label names the same optimizer: both pre-clip norms agree
+    for row in rows:  # the same label names the same optimizer: the clip came from the monitor's norm
         for label in ("Adam", "Adam-1"):
-            if math.isfinite(row[f"grad_norm/{label}/total"]):
-                assert row[f"grad_clip/{label}/total_norm"] == pytest.approx(row[f"grad_norm/{label}/total"],
-                                                                             rel=REL)
+            total = row[f"grad_norm/{label}/total"]
+            if math.isfinite(total):
+                assert row[f"grad_clip/{label}/clip_coef"] == pytest.approx(min(1.0, 0.05 / (total + 1e-6)), rel=REL)
     assert rows[-1]["guard/Adam-1/skipped_steps"] == 1 and rows[-1]["guard/Adam/skipped_steps"] == 0
 
 
@@ -387,7 +387,7 @@ def test_all_callbacks_log_on_the_same_steps_as_lightning(tmp_path, quiet_traine
     trainer.fit(StopsAtBatch(stop_at=4))  # Lightning writes rows at steps 2 and 4 (the stop)
     rows = read_csv_rows(logger)
     by_key = {key: [int(r["step"]) for r in rows if key in r]
-              for key in ("grad_clip/total_norm", "guard/skipped_steps", "grad_norm/total", "lr/body")}
+              for key in ("grad_clip/clip_coef", "guard/skipped_steps", "grad_norm/total", "lr/body")}
     assert by_key == {key: [2, 4] for key in by_key}, by_key
 
 

@@ -34,8 +34,8 @@ import torch
 
 from lightning_optkit.callbacks._step_context import is_logging_step, logger_step
 
-__all__ = ["BatchSteps", "flush_step_metrics", "join_rows", "record_host_metrics", "record_step_metrics",
-           "seal_step_metrics", "stop_joining_rows"]
+__all__ = ["BatchSteps", "flush_step_metrics", "join_rows", "publish_step_metrics", "record_host_metrics",
+           "record_step_metrics", "seal_step_metrics", "stop_joining_rows"]
 
 
 @dataclass
@@ -86,6 +86,11 @@ def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor], st
     # visible at once, as self.log's values are, to callbacks that run later in this batch
     trainer.callback_metrics.update(copies)
     trainer.logged_metrics.update(copies)
+
+
+def publish_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
+    """Put 0-d tensors in ``trainer.callback_metrics`` only (copies; not logged: another callback logs them)."""
+    trainer.callback_metrics.update({key: value.detach().reshape(()).clone() for key, value in values.items()})
 
 
 def record_host_metrics(trainer: pl.Trainer, values: dict[str, float], step: int | None = None,

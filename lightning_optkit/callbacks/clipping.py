@@ -23,7 +23,13 @@ from lightning_optkit.callbacks._step_context import (
     refuse_sharded_strategy,
     take_deferred_scale,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
+from lightning_optkit.callbacks._step_metrics import (
+    BatchSteps,
+    join_rows,
+    publish_step_metrics,
+    record_step_metrics,
+    stop_joining_rows,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -112,7 +118,9 @@ class GradientClipping(LeanCallback):
     ==================================  ===============================================================
     Key                                 Value
     ==================================  ===============================================================
-    ``grad_clip/<o>total_norm``         total gradient norm before clipping (``exclude`` left out)
+    ``grad_clip/<o>total_norm``         total gradient norm before clipping (``exclude`` left out); not
+                                        logged when OptimizerMonitor logs it as ``grad_norm/<o>total``
+                                        (kept in ``trainer.callback_metrics``)
     ``grad_clip/<o>clip_coef``          coefficient applied; 1.0 when not clipped; for ``value``,
                                         ``agc``, per-group and per-param the ratio of post- to pre-clip
                                         total norm
@@ -136,6 +144,9 @@ class GradientClipping(LeanCallback):
 
     #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
     reads_gradients = True
+    #: Read by OptimizerMonitor: with this one clipper, ``grad_clip/clip_coef`` is the coefficient, so the
+    #: monitor does not log its own copy.
+    logs_clip_coef = True
 
     def __init__(self, max_norm: float | None = None, *, algorithm: str = "norm", norm_type: float = 2.0,
                  max_value: float | None = None, per: str = "global", exclude: Sequence[str] = (),
@@ -205,6 +216,7 @@ class GradientClipping(LeanCallback):
         self._excluded_ids: frozenset[int] = frozenset()
         self._steps = BatchSteps()  # items: (optimizer, total norm, coefficient, threshold)
         self._key_prefix = "grad_clip/"  # resolved at setup (several clippers: grad_clip/<algorithm>/)
+        self._log_total_norm = True  # resolved at setup: False when OptimizerMonitor logs the same norm
 
     @property
     def state_key(self) -> str:
@@ -232,6 +244,7 @@ class GradientClipping(LeanCallback):
                                     "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
                                     "own sharded clip_grad_norm_ (or use strategy='ddp')")
             self._key_prefix = self._own_key_prefix(trainer)
+            self._log_total_norm = not self._total_norm_logged_elsewhere(trainer)
             join_rows(trainer)  # one row per step with Lightning's own
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
@@ -332,10 +345,22 @@ class GradientClipping(LeanCallback):
                 return f"grad_clip/{cb.algorithm}/" if n == 0 else f"grad_clip/{cb.algorithm}-{n}/"
         return "grad_clip/"  # unreachable: self is among the clippers
 
+    def _total_norm_logged_elsewhere(self, trainer: pl.Trainer) -> bool:
+        """Whether ``total_norm`` would repeat OptimizerMonitor's ``grad_norm/total``: the monitor logs grad
+        norms and this is the first clipper (it sees the gradients unclipped), over every parameter
+        (no ``exclude``), with the monitor's 2-norm. Then the monitor owns the key."""
+        monitored = any(getattr(cb, "logs_grad_norm_total", False) for cb in trainer.callbacks)
+        first = next((cb for cb in trainer.callbacks if isinstance(cb, GradientClipping)), None)
+        return monitored and first is self and not self.exclude and self.norm_type == 2.0
+
     def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, total: torch.Tensor,
                 coef: torch.Tensor | None, threshold: torch.Tensor | None, step: int | None = None) -> None:
         prefix = self._key_prefix + metric_scope(trainer, optimizer)
-        values = {f"{prefix}total_norm": total}
+        values = {}
+        if self._log_total_norm:
+            values[f"{prefix}total_norm"] = total
+        else:  # the monitor logs it as grad_norm/total; EarlyStopping and friends still find it here
+            publish_step_metrics(trainer, {f"{prefix}total_norm": total})
         if coef is not None:
             values[f"{prefix}clip_coef"] = coef
         if threshold is not None:

@@ -173,7 +173,8 @@ class OptimizerMonitor(LeanCallback):
     ``weight_decay/<s>``                 weight decay (if the group has one)
     ``grad_norm/<o>total``               total gradient norm, before clipping (unscaled, accumulated)
     ``grad_norm/<o>total_clipped``       total gradient norm after clipping (GradientClipping only)
-    ``grad_norm/<o>clip_coef``           the clip coefficient applied (GradientClipping only)
+    ``grad_norm/<o>clip_coef``           the overall clip coefficient, with several clipping callbacks
+                                         (with one GradientClipping: its ``grad_clip/<o>clip_coef``)
     ``param_norm/<o>total``              parameter norm before the step
     ``update_norm/<o>total``             norm of the change the step made to the parameters
     ``update_ratio/<o>total``            ``update_norm / param_norm``
@@ -200,6 +201,11 @@ class OptimizerMonitor(LeanCallback):
 
     #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
     reads_gradients = True
+
+    @property
+    def logs_grad_norm_total(self) -> bool:
+        """Read by GradientClipping: the monitor owns the pre-clip total norm (``grad_norm/total``)."""
+        return "grad" in self.norms
 
     def __init__(
         self,
@@ -235,6 +241,7 @@ class OptimizerMonitor(LeanCallback):
         self._pending: dict[int, _PendingStep] = {}
         self._pending_step = -1  # logger step of the batch the pending records belong to
         self._clips: list[Callback] = []
+        self._log_clip_coef = True  # resolved at setup
         self._awaiting_clip: _PendingStep | None = None
         self._wandb_loggers: list[Any] = []
 
@@ -267,6 +274,8 @@ class OptimizerMonitor(LeanCallback):
         self._clips = _find_clipping_callbacks(trainer)
         if self._clips:
             run_before(trainer, self, self._clips[0])
+        # one clipper that logs its coefficient (GradientClipping's grad_clip/clip_coef): not repeated here
+        self._log_clip_coef = not (len(self._clips) == 1 and getattr(self._clips[0], "logs_clip_coef", False))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name every optimizer, group and parameter (host-side, once)."""
@@ -427,7 +436,8 @@ class OptimizerMonitor(LeanCallback):
                 metrics[f"grad_norm/{scope}total"] = total
                 if coef:
                     metrics[f"grad_norm/{scope}total_clipped"] = total * coef[0]
-                    metrics[f"grad_norm/{scope}clip_coef"] = coef[0]
+                    if self._log_clip_coef:
+                        metrics[f"grad_norm/{scope}clip_coef"] = coef[0]
                 for layer, v in zip(p.grad_layers, grads, strict=True):
                     layer_grad.setdefault(layer, []).append(v)
             if params:

@@ -460,3 +460,85 @@ def test_clipped_norm_is_the_result_of_every_clipping_callback(tmp_path, quiet_t
         assert row["grad_norm/total_clipped"] == pytest.approx(norm, rel=REL)
         assert row["grad_norm/clip_coef"] == pytest.approx(norm / row["grad_norm/total"], rel=REL)
     assert any(n == pytest.approx(0.05, rel=1e-5) for n in final.norms), final.norms  # the norm clip acted
+
+
+# ---------------------------------------------------------------------------------------------- per-layer keys
+class Encoder(LightningModule):
+    """An embedding, a two-layer nn.TransformerEncoder and a head: the layers a user has are the encoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 2)
+        self.data = TensorDataset(torch.randn(16, 3, 4), torch.randn(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.head(self.encoder(self.embed(x)).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=8)
+
+
+def grad_layer_row(tmp_path, quiet_trainer_kwargs, model) -> tuple[dict[str, float], dict]:
+    recorder = Recorder()
+    logger = CSVLogger(str(tmp_path))
+    monitor = OptimizerMonitor(every_n_steps=1, norms="grad", momentum=False)
+    Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=1, callbacks=[recorder, monitor]).fit(model)
+    (row,) = read_csv_rows(logger)
+    return {k.removeprefix("grad_norm/layer/"): v for k, v in row.items() if k.startswith("grad_norm/layer/")}, \
+        recorder.steps[(0, 0)]
+
+
+def test_per_layer_keys_follow_the_numbered_layers_of_a_transformer_encoder(tmp_path, quiet_trainer_kwargs):
+    layers, rec = grad_layer_row(tmp_path, quiet_trainer_kwargs, Encoder())
+    layer_of = {n: ".".join(n.split(".")[:3]) if n.startswith("encoder.layers.") else n.split(".")[0]
+                for n in rec["before"]}  # by hand: encoder.layers.<i>, embed, head
+    assert sorted(layers) == ["embed", "encoder.layers.0", "encoder.layers.1", "head"]
+    ref = expected(rec, layer_of)
+    for layer, value in layers.items():
+        assert value == pytest.approx(ref[f"grad/{layer}"], rel=REL), layer
+
+
+def test_per_layer_keys_follow_the_blocks_of_the_specs_layer_decay(tmp_path, quiet_trainer_kwargs):
+    from lightning_optkit import OptimizerMixin, OptimizerSpec
+
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return x
+
+    class Staged(OptimizerMixin, LightningModule):
+        def __init__(self, layer_decay: dict | None) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), Stage())
+            self.head = nn.Linear(8, 2)
+            self.optim_spec = OptimizerSpec("sgd", lr=0.1, layer_decay=layer_decay)
+            self.data = TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.head(self.body(x)), y)
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=8)
+
+    decay = {"rate": 0.5, "depth": r"re:blocks\.(\d+)\."}
+    layers, rec = grad_layer_row(tmp_path / "decay", quiet_trainer_kwargs, Staged(decay))
+    assert sorted(layers) == ["body.0", "body.1.blocks.0", "body.1.blocks.1", "body.1.blocks.2", "head"]
+    layer_of = {n: n.rsplit(".", 1)[0] for n in rec["before"]}  # each Linear is its own layer here
+    ref = expected(rec, layer_of)
+    for layer, value in layers.items():
+        assert value == pytest.approx(ref[f"grad/{layer}"], rel=REL), layer
+    plain, _ = grad_layer_row(tmp_path / "plain", quiet_trainer_kwargs, Staged(None))
+    assert sorted(plain) == ["body.0", "body.1", "head"]  # without layer decay: the first numbered module

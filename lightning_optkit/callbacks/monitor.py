@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,35 @@ def _layer_name(param_name: str, depth: int) -> str:
     """``encoder.layers.0.weight`` -> ``encoder.layers`` (depth 2); a root-level parameter keeps its name."""
     module_path = param_name.split(".")[:-1]
     return ".".join(module_path[:depth]) if module_path else param_name
+
+
+def _auto_layer_name(param_name: str, block_patterns: Sequence[re.Pattern]) -> str:
+    """The layer a user has: the block a spec's ``layer_decay`` depth regex finds (the name up to its index:
+    ``blocks.3``), else the first numbered module (``encoder.layers.3`` of ``encoder.layers.3.linear1.weight``),
+    else the module path cut to two components; a root-level parameter keeps its name."""
+    for pattern in block_patterns:
+        match = pattern.search(param_name)
+        if match:
+            return param_name[:match.end(1)]
+    module_path = param_name.split(".")[:-1]
+    for i, part in enumerate(module_path):
+        if part.isdigit():
+            return ".".join(module_path[:i + 1])
+    return _layer_name(param_name, 2)
+
+
+def _layer_decay_patterns(pl_module: Any) -> list[re.Pattern]:
+    """The ``layer_decay`` depth regexes of the module's kit spec (OptimizerMixin), if any."""
+    get_spec = getattr(pl_module, "_optkit_spec", None)
+    if get_spec is None:
+        return []
+    try:
+        spec = get_spec()
+    except SpecError:  # a mixin module without a spec
+        return []
+    specs = spec if isinstance(spec, list) else [spec]
+    specs = [member for s in specs for member in (getattr(s, "specs", None) or [s])]
+    return [re.compile(s.layer_decay["depth"][3:]) for s in specs if getattr(s, "layer_decay", None)]
 
 
 def _norm2(values: Iterable[float]) -> float:
@@ -150,10 +180,14 @@ class OptimizerMonitor(LeanCallback):
     Args:
         every_n_steps: log every N optimizer steps (batches that stepped); None: the Trainer's
             ``log_every_n_steps``.
-        per_layer: also log norms per layer: parameters aggregated by module path, cut to
-            ``layer_depth`` dotted components (``encoder.layers.0.weight`` -> ``encoder.layers`` at
-            depth 2; a parameter held by the root module is its own layer).
-        layer_depth: see ``per_layer``.
+        per_layer: also log norms per layer (see ``layer_depth``; a parameter held by the root module is
+            its own layer).
+        layer_depth: ``None`` (default): the layers the model has: the blocks of the spec's
+            ``layer_decay`` depth regex when the module has a kit spec with one (``blocks.3``), else the
+            first numbered module of the name (``encoder.layers.3`` for an ``nn.TransformerEncoder``,
+            ``backbone.0`` in an ``nn.Sequential``), else the module path cut to two components. An
+            integer: the module path cut to that many components (``encoder.layers.0.weight`` ->
+            ``encoder.layers`` at 2).
         norms: which norms to log, a subset of ``("grad", "param", "update")``.
         momentum: also log momentum (``momentum``, or ``betas[0]`` for Adam-like optimizers).
         histograms: also log a ``wandb.Histogram`` of the per-layer gradient norms (needs a
@@ -212,15 +246,16 @@ class OptimizerMonitor(LeanCallback):
         every_n_steps: int | None = None,
         *,
         per_layer: bool = True,
-        layer_depth: int = 2,
+        layer_depth: int | None = None,
         norms: Sequence[str] | str = NORM_NAMES,
         momentum: bool = True,
         histograms: bool = False,
     ) -> None:
         every_n_steps = number("every_n_steps", every_n_steps, integer=True, at_least=1, allow_none=True,
                                strings=False, fix="pass an integer >= 1, or None to follow Trainer(log_every_n_steps)")
-        layer_depth = number("layer_depth", layer_depth, integer=True, at_least=1, strings=False,
-                             fix="pass an integer >= 1 (1 groups by top-level module)")
+        layer_depth = number("layer_depth", layer_depth, integer=True, at_least=1, strings=False, allow_none=True,
+                             fix="pass an integer >= 1 (1 groups by top-level module), or None to follow the "
+                             "model's numbered blocks")
         for flag_name, value in (("per_layer", per_layer), ("momentum", momentum), ("histograms", histograms)):
             flag(flag_name, value)
         self.norms = _validated_norms(norms)
@@ -244,6 +279,7 @@ class OptimizerMonitor(LeanCallback):
         self._log_clip_coef = True  # resolved at setup
         self._awaiting_clip: _PendingStep | None = None
         self._wandb_loggers: list[Any] = []
+        self._block_patterns: list[re.Pattern] = []  # layer_decay depth regexes (layer_depth=None)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -282,6 +318,7 @@ class OptimizerMonitor(LeanCallback):
         self._pending.clear()
         self._awaiting_clip = None
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._block_patterns = _layer_decay_patterns(pl_module) if self.layer_depth is None else []
         self._plans = {}
         names = optimizer_labels(trainer)
         several = len(trainer.optimizers) > 1
@@ -301,13 +338,15 @@ class OptimizerMonitor(LeanCallback):
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        layer_of = {
-            id(p): _layer_name(self._names[id(p)], self.layer_depth) if id(p) in self._names
-            else "unregistered"
-            for p in params
-        }
+        layer_of = {id(p): self._layer(self._names[id(p)]) if id(p) in self._names else "unregistered"
+                    for p in params}
         signature = tuple(len(g["params"]) for g in optimizer.param_groups)
         return _Plan(optimizer, scope, [f"{scope}{k}" for k in group_keys], params, layer_of, signature)
+
+    def _layer(self, param_name: str) -> str:
+        if self.layer_depth is None:
+            return _auto_layer_name(param_name, self._block_patterns)
+        return _layer_name(param_name, self.layer_depth)
 
     def _plan_for(self, optimizer: Any) -> _Plan:
         plan = self._plans.get(id(optimizer))

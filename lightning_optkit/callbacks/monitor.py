@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    check_sharded_layout,
     ensure_unscaled,
     is_logging_step,
     logger_step,
@@ -24,6 +25,7 @@ from lightning_optkit.callbacks._step_context import (
 )
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.sharding import any_sharded
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
@@ -237,8 +239,8 @@ class OptimizerMonitor(LeanCallback):
         """Resolve the logging period, check the loggers and find a clipping callback."""
         if stage != "fit":
             return
-        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor (its norms would be "
-                                "per-shard), or train with strategy='ddp'")
+        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor, or train with "
+                                "strategy='ddp'")
         if not trainer.loggers:
             raise SpecError("Trainer(logger)", False,
                             "give the Trainer a logger (e.g. WandbLogger) or remove OptimizerMonitor",
@@ -262,7 +264,15 @@ class OptimizerMonitor(LeanCallback):
             run_before(trainer, self, self._clips[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Name every optimizer, group and parameter (host-side, once)."""
+        """Name every optimizer, group and parameter (host-side, once); refuse sharded layouts without exact
+        norms.
+
+        Sharded (FSDP2) norms are collectives, so every rank computes them on logging steps (rank 0 alone
+        logs); under DDP only rank 0 does.
+        """
+        check_sharded_layout(pl_module, "OptimizerMonitor")
+        if any_sharded(pl_module.parameters()):
+            self._active = self._every >= 1
         self._pending.clear()
         self._awaiting_clip = None
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
@@ -449,6 +459,8 @@ class OptimizerMonitor(LeanCallback):
         return metrics, histogram_values
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
+        if trainer.global_rank != 0:
+            return  # the other ranks computed the sharded norms' collectives with rank 0
         step = logger_step(trainer)
         extra: dict[str, Any] = {}
         if self.histograms and histogram_values:

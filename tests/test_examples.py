@@ -157,6 +157,13 @@ def check_10(out: str) -> None:
     assert re.search(r"val_acc read back from the run: \[[0-9., ]+\]", out)
 
 
+def check_11(out: str) -> None:
+    assert "2 ranks, FSDP2: parameters are DTensor (Shard(dim=0),)" in out
+    assert number_after(r"NaN in rank 1's shard at step 5\): ", out) == 1
+    assert 0 < number_after(r"grad_clip/clip_coef=", out) <= 1
+    assert number_after(r"max relative difference from the same fit under DDP: ", out) < 1e-5
+
+
 CHECKS = {name: check for name, check in globals().items() if name.startswith("check_")}
 
 
@@ -168,7 +175,7 @@ def test_example_runs_and_prints_what_it_shows(script: str, runs: dict[str, Futu
 
 
 def test_every_example_has_a_check_and_a_docstring() -> None:
-    assert len(SCRIPTS) == 10
+    assert len(SCRIPTS) == 11
     assert sorted(CHECKS) == sorted(f"check_{s[:2]}" for s in SCRIPTS)
     for script in SCRIPTS:
         assert (EXAMPLES / script).read_text().startswith('"""'), script

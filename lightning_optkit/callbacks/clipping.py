@@ -13,6 +13,7 @@ import torch
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    check_sharded_layout,
     current_grad_norms,
     ensure_unscaled,
     grad_params,
@@ -34,6 +35,7 @@ from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
 from lightning_optkit.validation import number
 
 # clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
@@ -51,7 +53,8 @@ _PER = ("global", "group", "param")
 
 
 def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) -> None:
-    """``grads[i] *= coefs[i]`` with one foreach launch per (device, dtype) group."""
+    """``grads[i] *= coefs[i]`` with one foreach launch per (device, dtype) group (sharded: on the shards)."""
+    grads = local_tensors(grads)
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
     for g, c in zip(grads, coefs, strict=True):
         gs, cs = groups.setdefault((g.device, g.dtype), ([], []))
@@ -62,7 +65,9 @@ def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) ->
 
 
 def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
-    """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group."""
+    """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group (sharded: on the
+    shards)."""
+    grads = local_tensors(grads)
     first = grads[0]
     if first.dtype == coef.dtype and all(g.dtype == coef.dtype for g in grads) and all(
             g.device == coef.device for g in grads):
@@ -73,6 +78,16 @@ def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
         groups.setdefault((g.device, g.dtype), []).append(g)
     for (device, dtype), gs in groups.items():
         torch._foreach_mul_(gs, coef.to(device, dtype))
+
+
+def _clamp_grads_(params: Sequence[torch.Tensor], max_value: float) -> None:
+    """``clip_grad_value_``: torch's own for plain gradients, the same clamp on the shards of sharded ones."""
+    grads = [p.grad for p in params]
+    if not any_sharded(grads):
+        torch.nn.utils.clip_grad_value_(params, max_value)
+        return
+    for g in local_tensors(grads):
+        g.clamp_(min=-max_value, max=max_value)
 
 
 def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
@@ -241,8 +256,7 @@ class GradientClipping(LeanCallback):
         resolve ``exclude`` patterns."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "GradientClipping", "remove GradientClipping and set "
-                                    "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
-                                    "own sharded clip_grad_norm_ (or use strategy='ddp')")
+                                    "Trainer(gradient_clip_val=...), or use strategy='ddp'")
             self._key_prefix = self._own_key_prefix(trainer)
             self._log_total_norm = not self._total_norm_logged_elsewhere(trainer)
             join_rows(trainer)  # one row per step with Lightning's own
@@ -273,6 +287,19 @@ class GradientClipping(LeanCallback):
                                 problem="matches no parameter")
             excluded.update(id(p) for p in hits)
         self._excluded_ids = frozenset(excluded)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""
+        check_sharded_layout(pl_module, "GradientClipping")
+        if self.algorithm != "agc":
+            return
+        for name, p in pl_module.named_parameters():
+            dims = shard_dims(p)
+            if p.requires_grad and p.ndim > 1 and any(d != 0 for d in dims):
+                raise SpecError(f"parameter {name!r}", tuple(p.placements), "shard it along dim 0 (fully_shard's "
+                                "default), exclude it (GradientClipping(..., exclude=[...])), or use "
+                                "algorithm='norm'", problem=f"is split along dim {dims}, so the unit-wise norms "
+                                "of algorithm='agc' (per output row) would cross shards")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -312,7 +339,7 @@ class GradientClipping(LeanCallback):
             if deferred is not None:
                 _scale_grads_([p.grad for p in grad_params(raw)], deferred)
             if self.algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, self.max_value)
+                _clamp_grads_(params, self.max_value)
             else:
                 self._agc(params)
             note_grads_modified(trainer, optimizer)
@@ -412,10 +439,19 @@ class GradientClipping(LeanCallback):
 
     def _agc(self, params: list[torch.Tensor]) -> None:
         factor, eps = self.options["clip_factor"], self.options["eps"]
+        # Sharded (FSDP2, Shard(0), checked at train start): a weight's output units are whole rows, so
+        # their norms are local to the shard; a 1-D tensor is one unit split across ranks, its norms
+        # are reduced (one collective for all of them).
+        whole = [p for p in params if p.ndim <= 1 and shard_dims(p)]
+        norms = tensor_norms([*whole, *(p.grad for p in whole)], self.norm_type)
+        reduced = dict(zip(map(id, whole), zip(norms[:len(whole)], norms[len(whole):])))
         for p in params:
-            g = p.grad
-            limit = _unit_norms(p, self.norm_type).clamp_min(eps) * factor
-            gnorm = _unit_norms(g, self.norm_type)
+            g = local_tensors([p.grad])[0]
+            if id(p) in reduced:
+                pnorm, gnorm = reduced[id(p)]
+            else:
+                pnorm, gnorm = _unit_norms(local_tensors([p])[0], self.norm_type), _unit_norms(g, self.norm_type)
+            limit = pnorm.clamp_min(eps) * factor
             scale = torch.clamp(limit / gnorm.clamp_min(_EPS), max=1.0)
             g.mul_(scale.to(g.dtype))
 

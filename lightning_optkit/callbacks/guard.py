@@ -14,6 +14,7 @@ from lightning_optkit.callbacks._step_context import (
     LeanCallback,
     active_scaler,
     arm_fused_skip,
+    check_sharded_layout,
     disarm_fused_skip,
     ensure_unscaled,
     is_fused_amp_optimizer,
@@ -180,8 +181,7 @@ class NonFiniteGuard(LeanCallback):
         the counters of a new fit at zero (resuming from a checkpoint restores them after setup)."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "NonFiniteGuard", "remove NonFiniteGuard, or train with "
-                                    "strategy='ddp' (there every rank sees the reduced gradients and decides "
-                                    "alike)")
+                                    "strategy='ddp'")
             self._tracks = {}
             self.last_skip = None
             self._steps.reset()
@@ -191,6 +191,10 @@ class NonFiniteGuard(LeanCallback):
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
             run_after_gradient_readers(trainer, self)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""
+        check_sharded_layout(pl_module, "NonFiniteGuard")
 
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    check_sharded_layout,
     ensure_unscaled,
     is_logging_step,
     logger_step,
@@ -31,6 +32,7 @@ from lightning_optkit.callbacks._step_metrics import (
 )
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.sharding import any_sharded
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
@@ -286,8 +288,8 @@ class OptimizerMonitor(LeanCallback):
         """Resolve the logging period, check the loggers and find a clipping callback."""
         if stage != "fit":
             return
-        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor (its norms would be "
-                                "per-shard), or train with strategy='ddp'")
+        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor, or train with "
+                                "strategy='ddp'")
         if not trainer.loggers:
             raise SpecError("Trainer(logger)", False,
                             "give the Trainer a logger (e.g. WandbLogger) or remove OptimizerMonitor",
@@ -314,7 +316,15 @@ class OptimizerMonitor(LeanCallback):
         self._log_clip_coef = not (len(self._clips) == 1 and getattr(self._clips[0], "logs_clip_coef", False))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Name every optimizer, group and parameter (host-side, once)."""
+        """Name every optimizer, group and parameter (host-side, once); refuse sharded layouts without exact
+        norms.
+
+        Sharded (FSDP2) norms are collectives, so every rank computes them on logging steps (rank 0 alone
+        logs); under DDP only rank 0 does.
+        """
+        check_sharded_layout(pl_module, "OptimizerMonitor")
+        if any_sharded(pl_module.parameters()):
+            self._active = self._every >= 1
         self._pending.clear()
         self._awaiting_clip = None
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
@@ -506,6 +516,8 @@ class OptimizerMonitor(LeanCallback):
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
         """Add the values to the step's row (written with Lightning's own row and the other kit callbacks')."""
+        if trainer.global_rank != 0:
+            return  # the other ranks computed the sharded norms' collectives with rank 0
         only_for: dict[Any, dict[str, Any]] = {}
         if self.histograms and histogram_values:
             import wandb

@@ -102,7 +102,7 @@ def sync_command(run_dir: Path) -> str:
 def run_demo(max_epochs: int = 8, wandb: bool = True, save_dir: str | os.PathLike = "runs/demo") -> dict[str, float]:
     """Train the spiral classifier; print the plan, the final metrics and where the run was written."""
     L.seed_everything(0, verbose=False)
-    save_dir = Path(save_dir)
+    save_dir = Path(save_dir).resolve()  # absolute, so every printed path works from any folder
     save_dir.mkdir(parents=True, exist_ok=True)
     data = spirals()
     train, val = torch.utils.data.random_split(data, [0.8, 0.2], generator=torch.Generator().manual_seed(0))

@@ -89,12 +89,18 @@ class OptimizerPlan:
 
 
 class Plan(list):
-    """The rows of a plan (one per parameter), printable as a table; ``.optimizers`` holds the groups."""
+    """The rows of a plan (one per parameter); ``str`` and ``repr`` are the table, ``.optimizers`` holds the groups.
+
+    ``repr`` is the table too, so ``plan(model, spec)`` typed at a Python prompt or as a notebook cell's
+    last line shows it, as ``print(plan(model, spec))`` does; the rows are the list's items.
+    """
 
     optimizers: list[OptimizerPlan]
 
     def __str__(self) -> str:
         return format_table(self)
+
+    __repr__ = __str__
 
 
 def owners(module: nn.Module) -> dict[str, nn.Module]:

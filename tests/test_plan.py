@@ -214,3 +214,21 @@ def test_auto_no_decay_recognises_norm_layers_by_kind_not_shape() -> None:
     assert got["default/no_decay"]["params"] == ["affine.scale", "norm.gain", "sub.0.gain"]
     assert got["default"]["params"] == ["fused.weight", "gated.gain", "proj.weight"]
     assert got["default"]["weight_decay"] == 0.1 and got["default/no_decay"]["weight_decay"] == 0.0
+
+
+def test_the_plan_shows_as_its_table_at_a_prompt_and_when_printed(capsys) -> None:
+    """A Python prompt or notebook displays ``plan(model, spec)`` through its repr: the table, not a list dump."""
+    import sys
+
+    model = Toy()
+    result = plan(model, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1, groups=[ParamGroup("head.*", name="head")]))
+    sys.__displayhook__(result)  # what the interactive interpreter does with an expression's value
+    shown = capsys.readouterr().out
+    print(result)
+    printed = capsys.readouterr().out
+    assert shown == printed
+    lines = shown.splitlines()
+    assert lines[0].split() == ["parameter", "optimizer", "group", "lr", "weight_decay", "shape", "numel"]
+    head = next(line for line in lines if line.startswith("head.weight"))
+    assert head.split()[:5] == ["head.weight", "AdamW", "head", "0.001", "0.1"]
+    assert lines[-1].startswith(f"{len(result)} parameters") and "PlanRow(" not in shown

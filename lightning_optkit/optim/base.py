@@ -46,7 +46,9 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
+from lightning_optkit.norms import tensor_norms
 from lightning_optkit.optim.modifiers import StepModifiers
+from lightning_optkit.sharding import any_sharded, local_tensors
 
 Validator = Callable[[str, Any], None]
 
@@ -216,6 +218,12 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     ) -> None:
         lists = self._state_lists(params)
         steps = lists.pop("step", [])
+        self._bucket_params = params
+        if any_sharded(params):
+            # FSDP2: the rule runs on each rank's shards (state is sharded like its parameter);
+            # whole_tensor_norms gives a rule that needs them the norms of the whole tensors
+            params, grads = list(local_tensors(params)), list(local_tensors(grads))
+            lists = {name: list(local_tensors(ts)) for name, ts in lists.items()}
         if skip is not None:
             # Snapshot everything the rule writes (one foreach clone), update, then select old or new on
             # device: no host sync, and the old values come back bit for bit (NaN and -0.0 included).
@@ -233,6 +241,23 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         self._update(group, params, grads, lists, steps)
         if skip is not None:
             restore_if(skip.to(params[0].device), touched, saved)
+
+    def whole_tensor_norms(self, tensors: list[Tensor]) -> list[Tensor]:
+        """2-norms of per-parameter tensors of the bucket :meth:`_update` is updating, in order.
+
+        ``tensors`` is one or more per-parameter lists of the bucket, concatenated (the parameters,
+        their gradients, an update computed from them): ``tensors[i]`` belongs to parameter
+        ``i % len(bucket)``. Unsharded: ``torch._foreach_norm``. Under FSDP2, where ``_update`` sees
+        local shards, the norms of the whole tensors (one all-reduce, the same on every rank): what a
+        rule such as LAMB's trust ratio needs.
+        """
+        bucket = list(getattr(self, "_bucket_params", ()))  # set by _run_rule for the bucket being updated
+        if not any_sharded(bucket):
+            return list(torch._foreach_norm(tensors))
+        if len(tensors) % len(bucket):
+            raise ValueError(f"whole_tensor_norms got {len(tensors)} tensors for a bucket of {len(bucket)} "
+                             "parameters; pass whole per-parameter lists")
+        return tensor_norms(tensors, 2.0, shards_of=bucket * (len(tensors) // len(bucket)))
 
     def _update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -254,6 +279,9 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         kernel = _load_fused_kernel(self.fused_kernel or "")
         if kernel is None:
             raise NotImplementedError(f"lightning_optkit.kernels.{self.fused_kernel} is not available")
+        if any_sharded(params):  # FSDP2: element-wise kernels on each rank's shards
+            params, grads = list(local_tensors(params)), list(local_tensors(grads))
+            state_lists = {name: list(local_tensors(ts)) for name, ts in state_lists.items()}
         kernel(group, params, grads, state_lists, scale, skip)
 
 

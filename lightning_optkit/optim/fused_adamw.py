@@ -35,8 +35,10 @@ from lightning_optkit.kernels.dispatch import (
     triton_runs_on,
 )
 from lightning_optkit.kernels.functional import adamw_step, clip_coefficient, grad_norm
+from lightning_optkit.norms import combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.registry import register_optimizer
+from lightning_optkit.sharding import any_sharded, local_tensors
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -292,7 +294,10 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             # Either we clip, or nobody has checked the gradients for inf/nan yet. The norm is taken in the
             # gradients' precision and cannot overflow float32 (see grad_norm), so a finite gradient is
             # never taken for a non-finite one.
-            norm = grad_norm(grads, requested_backend(self.backend)).to(device)
+            if any_sharded(grads):  # FSDP2: the whole gradients' norm, one all-reduce, the same on every rank
+                norm = combine_norms(tensor_norms(grads, 2.0), 2.0, device)
+            else:
+                norm = grad_norm(grads, requested_backend(self.backend)).to(device)
             if mult is not None:
                 norm = norm * mult
             self.last_grad_norm = norm
@@ -325,10 +330,12 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         for group, params, grads in batches:
             states = [self.state[p] for p in params]
             beta1, beta2 = group["betas"]
+            # under FSDP2 the update is element-wise on each rank's shards (state is sharded like p)
             adamw_step(
-                params, grads,
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                list(local_tensors(params)), list(local_tensors(grads)),
+                list(local_tensors([s["exp_avg"] for s in states])),
+                list(local_tensors([s["exp_avg_sq"] for s in states])),
+                list(local_tensors([s["max_exp_avg_sq"] for s in states])) if group["amsgrad"] else [],
                 [s["step"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=mult, skip=skip,

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import matplotlib
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, random_split
@@ -29,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_optkit import OptimizerMixin, OptimizerSpec, ParamGroup
 from lightning_optkit.demo import spirals
+from lightning_optkit.extras import require_in_script
 
 GROUPS = [ParamGroup("body.*", name="body"), ParamGroup("head.*", name="head", lr_scale=5.0)]
 SPECS = {
@@ -79,6 +79,7 @@ class SpiralNet(OptimizerMixin, L.LightningModule):
 
 
 def main() -> None:
+    matplotlib = require_in_script("plot", "examples/05_schedules.py (the PNG)")  # one line if it is missing
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_optkit import OptimizerMixin
 from lightning_optkit.demo import spirals
+from lightning_optkit.extras import require_in_script
 
 
 class SpiralClassifier(OptimizerMixin, L.LightningModule):
@@ -69,6 +70,7 @@ class SpiralData(L.LightningDataModule):
 
 
 def main(args: list[str] | None = None) -> None:
+    require_in_script("cli", "examples/09_lightning_cli.py (LightningCLI)")  # one line if jsonargparse is missing
     args = args or ["fit", "--config", str(Path(__file__).with_name("09_config.yaml"))]
     cli = LightningCLI(SpiralClassifier, SpiralData, args=args, save_config_callback=None)
     trainer = cli.trainer

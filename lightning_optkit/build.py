@@ -21,6 +21,7 @@ from lightning_optkit.probe import (
 )
 from lightning_optkit.registry import optimizer_keywords
 from lightning_optkit.schedules.scheduler import KitLRScheduler
+from lightning_optkit.sharding import any_sharded, check_placements
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, TorchScheduleSpec, spec_from_data
 
 
@@ -133,30 +134,82 @@ def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:
 
 
 def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> None:
-    """Refuse optimizers whose rule reads norms across tensors under a strategy that shards them.
+    """Refuse optimizers whose rule reads whole tensors where the kit cannot see whole tensors.
 
-    Under FSDP, DeepSpeed or ModelParallel each rank's optimizer holds only shards: FusedAdamW's
-    global-norm clip and whole-step skip, and LAMB's per-tensor trust ratio, would then be computed
-    per shard (and the skip could differ between ranks), silently.
+    Under FSDP1 (``FSDPStrategy``) or DeepSpeed each rank's optimizer holds flat shards: FusedAdamW's
+    global-norm clip and whole-step skip, and LAMB's per-tensor trust ratio, would be per shard (and
+    the skip could differ between ranks), silently. Under FSDP2 (``ModelParallelStrategy``, DTensor
+    parameters) both reduce whole-tensor norms across ranks, for the layouts
+    :func:`lightning_optkit.sharding.check_placements` accepts; ``torch.optim.Muon`` orthogonalises
+    each gradient as one whole matrix, which a rank's shard is not, so it is refused there.
     """
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    if strategy is None:
-        return
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
     from lightning_optkit.optim.fused_adamw import FusedAdamW
     from lightning_optkit.optim.lamb import LAMB
 
-    if not isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        return
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if strategy is not None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            for op in optimizers:
+                if issubclass(op.spec.optimizer_cls, (FusedAdamW, LAMB)):
+                    raise SpecError("optimizer", op.spec.optimizer_cls.__name__,
+                                    "shard with FSDP2 instead (Trainer(strategy=ModelParallelStrategy(...)) and "
+                                    "fully_shard in configure_model), where it is exact; or use an element-wise "
+                                    "optimizer (adamw, lion, adan, momentum_sgd); or train with strategy='ddp'",
+                                    problem=f"computes norms across whole tensors, but {type(strategy).__name__} "
+                                    "gives each rank only flat shards of them")
+    muon = getattr(torch.optim, "Muon", None)
     for op in optimizers:
-        if issubclass(op.spec.optimizer_cls, (FusedAdamW, LAMB)):
-            name = op.spec.optimizer_cls.__name__
-            raise SpecError("optimizer", name, "use an element-wise optimizer (adamw with fused=True, lion, adan, "
-                            "momentum_sgd) and Trainer(gradient_clip_val=...) for clipping, or train with "
-                            "strategy='ddp'",
-                            problem=f"computes norms across whole tensors, but {type(strategy).__name__} gives "
-                            "each rank only shards of them")
+        named = [(name, p) for group in op.groups for name, p in zip(group.names, group.params, strict=True)]
+        if not any_sharded(p for _, p in named):
+            continue
+        cls = op.spec.optimizer_cls
+        if muon is not None and issubclass(cls, muon):
+            raise SpecError("optimizer", cls.__name__, "give the 2-D hidden weights to adamw (or lion, adan) "
+                            "under FSDP2, or train the Muon hybrid with strategy='ddp'",
+                            problem="orthogonalises each gradient as a whole matrix, but under FSDP2 a rank "
+                            f"holds only a shard of it (parameter {named[0][0]!r} is a DTensor)")
+        if issubclass(cls, (FusedAdamW, LAMB)):
+            check_placements(named, f"optimizer {cls.__name__}")
+
+
+def _refuse_lightning_clip_of_fused(optimizers: list[torch.optim.Optimizer], module: nn.Module, trainer: Any) -> None:
+    """Refuse ``Trainer(gradient_clip_val=...)`` where Lightning would raise at the first batch.
+
+    Lightning 2.6.6's mixed-precision plugin (``16-mixed``, ``bf16-mixed``) raises a RuntimeError in its
+    ``clip_gradients`` for an optimizer that sets ``_step_supports_amp_scaling`` (it unscales inside
+    its step: FusedAdamW, torch's ``fused=True`` optimizers), when automatic optimization reaches
+    Lightning's own ``configure_gradient_clipping``. Same test, raised before training, with the fix.
+    """
+    clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+    if not clip:
+        return
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    if not isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision):
+        return
+    if not isinstance(module, LightningModule) or not module.automatic_optimization:
+        return
+    if type(module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
+        return  # the module clips its own way; Lightning's check may not run
+    from lightning_optkit.optim.fused_adamw import FusedAdamW
+
+    for optimizer in optimizers:
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            continue
+        name = type(optimizer).__name__
+        algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+        callback = (f"GradientClipping(algorithm='value', max_value={clip})" if "value" in algorithm
+                    else f"GradientClipping(max_norm={clip})")
+        fix = f"remove gradient_clip_val and add {callback} to the Trainer's callbacks"
+        if isinstance(optimizer, FusedAdamW) and "value" not in algorithm:
+            fix = (f"remove gradient_clip_val and set max_grad_norm: {clip} in the spec (clipped inside the fused "
+                   f"step), or add {callback} to the Trainer's callbacks")
+        raise SpecError("Trainer(gradient_clip_val)", clip, fix,
+                        problem=f"cannot clip {name} under precision={trainer.precision!r}: Lightning refuses its "
+                        "own clipping for optimizers that unscale gradients inside their step")
 
 
 def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
@@ -185,12 +238,14 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
 
         optimizer: torch.optim.Optimizer = ChainedOptimizer([_instantiate(op) for op in the_plan.optimizers])
         optimizer.optkit_name = spec.label
+        _refuse_lightning_clip_of_fused([optimizer], module, trainer)
         chained = None if None in probes else (lambda: ChainedOptimizer([make() for make in probes]))
         _probe_torch_schedule(spec.schedule, chained, trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
         _check_kit_curve(spec.schedule, config)
     elif isinstance(spec, OptimizerSpec):
         optimizer = _instantiate(the_plan.optimizers[0])
+        _refuse_lightning_clip_of_fused([optimizer], module, trainer)
         _probe_torch_schedule(spec.schedule, probes[0], trainer)
         config = _schedule(spec.schedule, optimizer, trainer, spec.name)
         _check_kit_curve(spec.schedule, config)

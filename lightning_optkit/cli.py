@@ -4,21 +4,53 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import os
 import sys
 from collections.abc import Sequence
 
-from lightning_optkit.errors import SpecError
+from lightning_optkit.errors import SpecError, closest
+from lightning_optkit.extras import MissingExtra
 
 
-def _load_model(target: str):
+def _import_from_cwd(module_name: str) -> None:
+    """Put the current folder first on the import path, as ``python -m`` does (a console script gets
+    its own bin folder there instead), so ``optkit plan mymodels:Net`` finds ``./mymodels.py``."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def load_model(target: str):
+    """Construct ``module:ClassName`` (the module imported from the current folder or the installed packages)."""
     module_name, _, attr = target.partition(":")
-    if not attr:
-        raise SpecError("model", target, "write it as package.module:ClassName", problem="has no ':ClassName'")
+    if not attr or not module_name:
+        raise SpecError("model", target, "write it as module:ClassName, e.g. mymodels:Net for the class Net in "
+                        "./mymodels.py", problem="is not of the form module:ClassName")
+    _import_from_cwd(module_name)
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise SpecError("model", target, "check the module path and class name",
-                        problem=f"cannot be loaded ({err})") from err
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            path = module_name.replace(".", os.sep) + ".py"
+            raise SpecError("model", target, f"run optkit from the folder that holds {path}, or add that folder "
+                            "to PYTHONPATH", problem=f"names the module {missing!r}, which is neither in the "
+                            f"current folder ({os.getcwd()}) nor installed") from err
+        raise SpecError("model", target, f"install {missing!r} in this environment (the module {module_name!r} "
+                        "imports it)", problem=f"cannot be imported: {err}") from err
+    except ImportError as err:
+        raise SpecError("model", target, f"fix the import in {module_name!r}",
+                        problem=f"cannot be imported: {err}") from err
+    cls = getattr(module, attr, None)
+    if not inspect.isclass(cls):
+        classes = sorted(name for name, value in vars(module).items()
+                         if inspect.isclass(value) and value.__module__ == module.__name__)
+        hint = closest(attr, classes)
+        fix = (f"did you mean {hint[0]!r}? " if hint else "") + f"name a class of {module_name!r}: {classes}"
+        problem = f"names {attr!r}, which {module_name!r} ({getattr(module, '__file__', '?')}) " + (
+            "does not define" if cls is None else "defines, but not as a class")
+        raise SpecError("model", target, fix, problem=problem)
     try:
         return cls()
     except TypeError as err:
@@ -30,7 +62,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     from lightning_optkit.params import plan
     from lightning_optkit.spec import load_yaml, spec_from_data
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     print(plan(model, spec_from_data(load_yaml(args.spec))))
     return 0
 
@@ -54,16 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo_command)
 
     plan_cmd = sub.add_parser("plan", help="print which parameter goes to which optimizer and group")
-    plan_cmd.add_argument("model", help="package.module:ModelClass (constructs without arguments)")
+    plan_cmd.add_argument("model", help="module:ModelClass, e.g. mymodels:Net for ./mymodels.py (constructs without "
+                          "arguments)")
     plan_cmd.add_argument("spec", help="the spec as a YAML file")
     plan_cmd.set_defaults(func=_plan_command)
 
-    try:
-        from lightning_optkit.schedule_preview import register_cli
-    except ImportError:  # the schedule preview needs matplotlib only when used
-        pass
-    else:
-        register_cli(sub)
+    from lightning_optkit.schedule_preview import register_cli  # matplotlib is imported only to plot
+
+    register_cli(sub)
     return parser
 
 
@@ -72,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SpecError as err:
+    except (SpecError, MissingExtra) as err:
         print(f"optkit {args.command}: {err}", file=sys.stderr)
         return 2
 

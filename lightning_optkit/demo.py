@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +91,18 @@ def demo_callbacks() -> list[L.Callback]:
     return callbacks
 
 
+def sync_command(run_dir: Path) -> str:
+    """The exact ``wandb sync`` command for an offline run, runnable from any folder: absolute paths, and the
+    ``wandb`` executable of this environment (the shell's PATH may not have the venv's ``bin``)."""
+    executable = Path(sys.executable).parent / "wandb"
+    wandb_cmd = str(executable) if executable.exists() else "wandb"
+    return f"{shlex.quote(wandb_cmd)} sync {shlex.quote(str(run_dir))}"
+
+
 def run_demo(max_epochs: int = 8, wandb: bool = True, save_dir: str | os.PathLike = "runs/demo") -> dict[str, float]:
     """Train the spiral classifier; print the plan, the final metrics and where the run was written."""
     L.seed_everything(0, verbose=False)
-    save_dir = Path(save_dir)
+    save_dir = Path(save_dir).resolve()  # absolute, so every printed path works from any folder
     save_dir.mkdir(parents=True, exist_ok=True)
     data = spirals()
     train, val = torch.utils.data.random_split(data, [0.8, 0.2], generator=torch.Generator().manual_seed(0))
@@ -117,9 +127,10 @@ def run_demo(max_epochs: int = 8, wandb: bool = True, save_dir: str | os.PathLik
     if wandb:
         import wandb as wandb_lib
 
-        run_dir = Path(logger.experiment.dir).parent
+        run_dir = Path(logger.experiment.dir).parent.resolve()
         wandb_lib.finish()
-        print(f"W&B run (offline) written to {run_dir}; upload it later with: wandb sync {run_dir}")
+        print(f"W&B run (offline) written to {run_dir}")
+        print(f"upload it later with: {sync_command(run_dir)}")
     else:
-        print(f"CSV metrics written to {logger.log_dir}")
+        print(f"CSV metrics written to {Path(logger.log_dir).resolve()}")
     return metrics

@@ -67,6 +67,7 @@ class OptimizerMixin:
         result = build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
         if isinstance(result, list):
             self.__dict__["_optkit_monitors"] = _take_plateau_monitors(result)
+        self.__dict__["_optkit_built"] = True  # read by SpecInUseCheck
         return result
 
     def configure_callbacks(self) -> list:
@@ -75,7 +76,13 @@ class OptimizerMixin:
         ScheduleFreeMode when the spec uses ScheduleFreeAdamW (validation and checkpoints must see its
         averaged weights); RestoreLoaderPosition when a kit schedule resolves its durations from the
         trainer (that sets the train loader up before a checkpoint's loader position is restored,
-        Lightning issue #20550, so a stateful loader would silently restart its epoch).
+        Lightning issue #20550, so a stateful loader would silently restart its epoch); ManualStepCheck
+        with several optimizers; SpecInUseCheck when the class overrides ``configure_optimizers``.
+
+        Lightning adds these to ``trainer.callbacks`` and, on the next ``fit``/``validate`` with the same
+        Trainer, would replace them with an info line naming them ("will override existing callbacks");
+        so the ones this method added before are taken out of the Trainer first. One the user passed to
+        the Trainer is kept and not added again.
         """
         callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
         if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
@@ -88,18 +95,31 @@ class OptimizerMixin:
 
         spec = self._optkit_spec()
         specs = spec.specs if isinstance(spec, ChainSpec) else spec if isinstance(spec, list) else [spec]
-        uses = any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs)
-        if uses and not any(isinstance(c, ScheduleFreeMode) for c in callbacks):
-            callbacks.append(ScheduleFreeMode())
-        if isinstance(spec, list) and not any(isinstance(c, ManualStepCheck) for c in callbacks):
-            callbacks.append(ManualStepCheck())
         schedules = [spec.schedule] if isinstance(spec, ChainSpec) else [s.schedule for s in specs]
-        if any(isinstance(s, Schedule) for s in schedules) and not any(
-                isinstance(c, RestoreLoaderPosition) for c in callbacks):
-            callbacks.append(RestoreLoaderPosition())
-        if any(isinstance(s, Schedule) and s.name == "plateau" for s in schedules) and not any(
-                isinstance(c, PlateauMonitorCheck) for c in callbacks):
-            callbacks.append(PlateauMonitorCheck())
+        wanted: list[type] = []
+        if any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs):
+            wanted.append(ScheduleFreeMode)
+        if isinstance(spec, list):
+            wanted.append(ManualStepCheck)
+        if any(isinstance(s, Schedule) for s in schedules):
+            wanted.append(RestoreLoaderPosition)
+        if any(isinstance(s, Schedule) and s.name == "plateau" for s in schedules):
+            wanted.append(PlateauMonitorCheck)
+        if type(self).configure_optimizers is not OptimizerMixin.configure_optimizers:
+            wanted.append(SpecInUseCheck)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            present = list(trainer.callbacks)
+            if any(getattr(c, "optkit_internal", False) for c in present):
+                trainer.callbacks = [c for c in present if not getattr(c, "optkit_internal", False)]
+            callbacks_there = [*callbacks, *trainer.callbacks]
+        else:
+            callbacks_there = callbacks
+        for cls in wanted:
+            if not any(isinstance(c, cls) for c in callbacks_there):
+                callback = cls()
+                callback.optkit_internal = True  # added by the mixin: replaced quietly on the next run
+                callbacks.append(callback)
         return callbacks
 
     # --- manual optimization ---------------------------------------------------------------------
@@ -226,4 +246,33 @@ class ManualStepCheck(LeanCallback):
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to save: the check runs on the first batch of every fit."""
+        return {}
+
+
+class SpecInUseCheck(LeanCallback):
+    """Refuse a fit in which the module's own ``configure_optimizers`` ignored its optimizer spec.
+
+    Added by the mixin when the class overrides ``configure_optimizers``: the spec (``optim_spec`` or
+    ``hparams["optim"]``) would be dead configuration, silently. An override that calls
+    ``super().configure_optimizers()`` uses the spec and passes.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Forget an earlier build: this fit's ``configure_optimizers`` runs after setup."""
+        if stage == "fit":
+            pl_module.__dict__.pop("_optkit_built", None)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Raise, before the first batch, when the optimizers were not built from the spec."""
+        if pl_module.__dict__.get("_optkit_built"):
+            return
+        name = type(pl_module).__name__
+        raise SpecError("configure_optimizers", f"{name}.configure_optimizers",
+                        f"delete {name}.configure_optimizers (the mixin builds the optimizers from the spec), "
+                        "return super().configure_optimizers() from it, or remove optim_spec / the optim "
+                        "hyperparameter", problem="overrides OptimizerMixin's and ignores the optimizer spec the "
+                        "module sets, so that spec would never be used")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save: the check runs in every fit."""
         return {}

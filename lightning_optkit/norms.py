@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from lightning_optkit.sharding import all_reduce_partials, any_sharded, local_tensors
+
 __all__ = [
     "CLIP_EPS",
     "check_norm_type",
@@ -58,16 +60,25 @@ def _one_group(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.dtype == dtype for t in tensors) and all(t.device == device for t in tensors)
 
 
-def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> list[torch.Tensor]:
+def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
+                 shards_of: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The p-norm of each tensor as a 0-d tensor on that tensor's device, in input order.
 
     One ``torch._foreach_norm`` per (device, dtype) group; float64 inputs give float64 norms, all others
     float32 (bf16/fp16 gradients are normed in float32 so they do not overflow or lose precision).
+
+    Sharded tensors (FSDP2 DTensors) get the norm of the whole tensor, the same on every rank: local
+    norms of the shards, then one all-reduce of all of them (see :mod:`lightning_optkit.sharding`).
+    ``shards_of`` says that ``tensors`` are the local shards of those DTensors (as an optimizer's
+    update sees them). Every rank must make the same call.
     """
     norm_type = check_norm_type(norm_type)
     tensors = list(tensors)  # gradients never require grad; foreach_norm reads them as they are
     if not tensors:
         return []
+    like = tensors if shards_of is None else shards_of
+    if any_sharded(like):
+        return _whole_norms(list(local_tensors(tensors)), like, norm_type)
     if _one_group(tensors):  # one launch, no regrouping
         return _group_norms(tensors, norm_type)
     out: list[torch.Tensor | None] = [None] * len(tensors)
@@ -75,6 +86,28 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> lis
         for i, n in zip(idx, _group_norms([tensors[i] for i in idx], norm_type), strict=True):
             out[i] = n
     return out  # type: ignore[return-value]
+
+
+def _whole_norms(shards: list[torch.Tensor], like: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    """Whole-tensor norms from the local ``shards`` of ``like``: one collective for all of them.
+
+    The partial sums of powers are reduced in float64, so squares of float32 norms cannot overflow.
+    The inf-norm is a max-reduce; a NaN in any shard is carried by a separate flag in the same
+    collective (a max-reduce may drop NaN), so it reaches every rank's norm.
+    """
+    local = tensor_norms(shards, norm_type)
+    stacked = torch.stack([n.to(local[0].device, torch.float64) for n in local])
+    if math.isinf(norm_type):
+        nan = torch.isnan(stacked)
+        buffer = torch.cat([torch.where(nan, math.inf, stacked), nan.double()])
+        all_reduce_partials(buffer, [*like, *like], op="max")
+        n = len(local)
+        whole = torch.where(buffer[n:] > 0, math.nan, buffer[:n])
+    else:
+        powers = stacked * stacked if norm_type == 2.0 else stacked.pow(norm_type)
+        all_reduce_partials(powers, like, op="sum")
+        whole = powers.sqrt() if norm_type == 2.0 else powers.pow(1.0 / norm_type)
+    return [w.to(n.device, n.dtype) for w, n in zip(whole.unbind(), local, strict=True)]
 
 
 def _group_norms(group: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:

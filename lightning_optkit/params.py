@@ -29,6 +29,24 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )
+# A class name ending in Norm, optionally with a dimension: ScaleNorm, ScaleNorm2d, timm's LayerNorm2d,
+# FrozenBatchNorm2d; not Normal, Normalize, or a fused LayerNormLinear (whose weight is a linear layer's).
+_NORM_NAME = re.compile(r"Norm(\d+d?)?$")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer, recognised by kind rather than by parameter shape.
+
+    A module's own ``is_norm_layer`` attribute (True or False) decides when it declares one; otherwise
+    a subclass of one of torch's norm layers, or a class whose name, or a base class's name, ends in
+    ``Norm`` or ``Norm<k>d`` (``ScaleNorm2d``, timm's ``LayerNorm2d``, ``FrozenBatchNorm2d``).
+    """
+    declared = getattr(type(module), "is_norm_layer", None)
+    if isinstance(declared, bool):
+        return declared
+    if isinstance(module, NORM_LAYERS):
+        return True
+    return any(_NORM_NAME.search(cls.__name__) for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
 
 @dataclass(frozen=True)
@@ -71,12 +89,18 @@ class OptimizerPlan:
 
 
 class Plan(list):
-    """The rows of a plan (one per parameter), printable as a table; ``.optimizers`` holds the groups."""
+    """The rows of a plan (one per parameter); ``str`` and ``repr`` are the table, ``.optimizers`` holds the groups.
+
+    ``repr`` is the table too, so ``plan(model, spec)`` typed at a Python prompt or as a notebook cell's
+    last line shows it, as ``print(plan(model, spec))`` does; the rows are the list's items.
+    """
 
     optimizers: list[OptimizerPlan]
 
     def __str__(self) -> str:
         return format_table(self)
+
+    __repr__ = __str__
 
 
 def owners(module: nn.Module) -> dict[str, nn.Module]:
@@ -151,7 +175,7 @@ def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[
         out = set()
         for name, param in candidates:
             if (param.ndim <= 1 or name.endswith(".bias") or name == "bias"
-                    or isinstance(owner_of[name], NORM_LAYERS)
+                    or is_norm_layer(owner_of[name])
                     or any(name == x or fnmatch.fnmatchcase(name, x) for x in listed)):
                 out.add(name)
         return out

@@ -178,3 +178,73 @@ def test_rows_follow_lightnings_own_when_min_steps_overrides_a_stop(tmp_path, qu
         assert kit_steps == guard_steps == lightning_steps
     else:  # the batch the stop was decided on comes too late; every later one matches
         assert kit_steps == guard_steps == [s for s in lightning_steps if s != 1]
+
+
+# ------------------------------------------------------------------ one CSV row per step, with the epoch
+def read_raw_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+class LogsLossAndValidates(LogsItsLoss):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+@pytest.mark.parametrize(("user_logs", "monitor_every"), [(True, None), (False, None), (True, 3)])
+def test_every_logging_step_is_one_csv_row_with_its_epoch(tmp_path, quiet_trainer_kwargs, user_logs, monitor_every):
+    """The kit's values join Lightning's own row for the step (the user's self.log values and the epoch)."""
+    from lightning_optkit.callbacks.monitor import OptimizerMonitor
+
+    logger = CSVLogger(str(tmp_path))
+    model = LogsLossAndValidates("adam") if user_logs else Regressor("adam")
+    callbacks = [GradientClipping(max_norm=0.5), NonFiniteGuard(), OptimizerMonitor(every_n_steps=monitor_every)]
+    loader = make_loader()
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_epochs=2, log_every_n_steps=2,
+                         callbacks=callbacks)
+    trainer.fit(model, loader, loader if user_logs else None)
+    per_epoch = len(loader)
+    rows = read_raw_rows(logger)
+    assert all(row["epoch"] != "" for row in rows), rows  # every row says its epoch
+    train_rows = [row for row in rows if row.get("val_loss", "") == ""]
+    steps = [int(row["step"]) for row in train_rows]
+    assert len(steps) == len(set(steps)), steps  # one row per step
+    clip_steps = [s for s in range(2 * per_epoch) if (s + 1) % 2 == 0]
+    monitor_steps = [s for s in range(2 * per_epoch) if (s + 1) % (monitor_every or 2) == 0]
+    assert steps == sorted(set(clip_steps) | set(monitor_steps))
+    for row in train_rows:
+        step = int(row["step"])
+        assert int(float(row["epoch"])) == step // per_epoch
+        assert (row["grad_clip/clip_coef"] != "") == (step in clip_steps)
+        assert (row["guard/skipped_steps"] != "") == (step in clip_steps)
+        assert (row["grad_norm/total"] != "") == (step in monitor_steps)
+        if user_logs:
+            assert (row["loss"] != "") == (step in clip_steps)  # Lightning's own values, in the same row
+    if user_logs:  # Lightning's validation rows stay its own, at the step of the epoch's last batch
+        val_steps = [int(row["step"]) for row in rows if row.get("val_loss", "") != ""]
+        assert val_steps == [per_epoch * e - 1 for e in (1, 2)]
+
+
+@pytest.mark.parametrize("exclude", [(), ("net.2",)])
+def test_the_pre_clip_norm_is_logged_once_by_its_owner(tmp_path, quiet_trainer_kwargs, exclude):
+    """With OptimizerMonitor, grad_norm/total is the pre-clip norm; GradientClipping logs its total_norm only
+    when it is a different number (here: with exclude=, the norm of the parameters it clips)."""
+    from lightning_optkit.callbacks.monitor import OptimizerMonitor
+
+    logger = CSVLogger(str(tmp_path))
+    trainer = pl.Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=4, log_every_n_steps=2,
+                         callbacks=[GradientClipping(max_norm=0.5, exclude=exclude), OptimizerMonitor()])
+    trainer.fit(Regressor("sgd"), make_loader())
+    rows = read_rows(logger)
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for row in rows:
+        assert "grad_norm/clip_coef" not in row  # grad_clip/clip_coef is the coefficient
+        assert row["grad_clip/clip_coef"] == pytest.approx(
+            min(1.0, 0.5 / ((row["grad_clip/total_norm"] if exclude else row["grad_norm/total"]) + 1e-6)), rel=1e-5)
+        if exclude:
+            assert row["grad_clip/total_norm"] < row["grad_norm/total"]
+        else:
+            assert "grad_clip/total_norm" not in row
+    norm = trainer.callback_metrics["grad_clip/total_norm"].item()  # still there for EarlyStopping & co.
+    assert norm == pytest.approx(rows[-1]["grad_clip/total_norm" if exclude else "grad_norm/total"], rel=1e-6)

@@ -4,6 +4,10 @@ Each example runs in its own process (``sys.executable``, cwd a temporary folder
 two at a time, started once for the whole module; each test then checks its example's exit status
 and the key lines of its output. Examples run with one intra-op thread: their models are tiny, and
 on a small shared machine extra threads only contend.
+
+They run in the environment the README's main command installs (``scripts/demo.sh``: the package
+with the extras it names): every distribution outside that install's dependency closure (pytest,
+hypothesis, triton, ...) is hidden from their imports (``tests/readme_env.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from readme_env import demo_extras, hidden, readme_env
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEOUT_S = 60  # per example (the issue's limit)
@@ -35,12 +40,13 @@ class Run:
     seconds: float
 
 
-def _run(script: str, workdir: Path) -> Run:
+def _run(script: str, workdir: Path, also_hide: tuple[str, ...] = ()) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     launch = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")
     env = {**{k: v for k, v in os.environ.items() if k not in launch},  # a leaked LOCAL_RANK would hang 08
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
            "OMP_NUM_THREADS": "1", "OPTKIT_EXAMPLES_OUT": str(workdir / "out"), "PYTHONUNBUFFERED": "1"}
+    env = readme_env(env, also_hide=also_hide)
     start = time.perf_counter()
     # A new session, so that a timeout also ends the processes an example started (08's second rank).
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / script)], cwd=workdir, env=env, text=True,
@@ -151,6 +157,13 @@ def check_10(out: str) -> None:
     assert re.search(r"val_acc read back from the run: \[[0-9., ]+\]", out)
 
 
+def check_11(out: str) -> None:
+    assert "2 ranks, FSDP2: parameters are DTensor (Shard(dim=0),)" in out
+    assert number_after(r"NaN in rank 1's shard at step 5\): ", out) == 1
+    assert 0 < number_after(r"grad_clip/clip_coef=", out) <= 1
+    assert number_after(r"max relative difference from the same fit under DDP: ", out) < 1e-5
+
+
 CHECKS = {name: check for name, check in globals().items() if name.startswith("check_")}
 
 
@@ -162,7 +175,30 @@ def test_example_runs_and_prints_what_it_shows(script: str, runs: dict[str, Futu
 
 
 def test_every_example_has_a_check_and_a_docstring() -> None:
-    assert len(SCRIPTS) == 10
+    assert len(SCRIPTS) == 11
     assert sorted(CHECKS) == sorted(f"check_{s[:2]}" for s in SCRIPTS)
     for script in SCRIPTS:
         assert (EXAMPLES / script).read_text().startswith('"""'), script
+
+
+def test_the_examples_environment_is_the_readme_install() -> None:
+    """What the examples run in: the demo's extras installed, the dev-only packages hidden (so the check bites)."""
+    assert demo_extras() == ["examples"]
+    modules, dists = hidden(tuple(demo_extras()))
+    assert {"pytest", "hypothesis"} <= set(modules) and {"pytest", "hypothesis"} <= set(dists)
+    assert not {"matplotlib", "jsonargparse", "lightning", "torch", "wandb"} & set(modules)
+    probe = subprocess.run([sys.executable, "-c", "import pytest"], env=readme_env(), capture_output=True, text=True)
+    assert probe.returncode == 1 and "No module named 'pytest'" in probe.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "module", "extra"), [
+    ("05_schedules.py", "matplotlib", "plot"),
+    ("09_lightning_cli.py", "jsonargparse", "cli"),
+])
+def test_an_example_without_its_extra_says_in_one_line_which_to_install(tmp_path, script, module, extra) -> None:
+    run = _run(script, tmp_path, also_hide=(module,))
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr == (f"examples/{script} {'(the PNG)' if extra == 'plot' else '(LightningCLI)'} needs "
+                          f"{module}, which is not installed. Fix: pip install 'lightning_optkit[{extra}]' "
+                          f"(in a clone of the repository: bash scripts/setup_env.sh {extra})\n")

@@ -442,3 +442,56 @@ def test_interpreter_mode_stays_inside_the_kit(gen, monkeypatch):
         pass
 
     assert type(triton.jit(other_module_kernel)).__name__ == "JITFunction"
+
+
+# ------------------------------------------------------------------ Trainer(gradient_clip_val) under mixed precision
+def _spec_module(optimizer: str, **kwargs):
+    from lightning_optkit import OptimizerMixin, OptimizerSpec
+
+    class Regression(OptimizerMixin, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(8, 1)
+            self.optim_spec = OptimizerSpec(optimizer, lr=1e-2, **kwargs)
+            self.batches = 0
+
+        def training_step(self, batch, batch_idx):
+            self.batches += 1
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+    return Regression()
+
+
+def _loader(gen) -> torch.utils.data.DataLoader:
+    x = torch.randn(32, 8, generator=gen)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+
+@pytest.mark.parametrize(("optimizer", "kwargs", "fix"), [
+    ("fused_adamw", {}, r"set max_grad_norm: 0\.5 in the spec.*GradientClipping\(max_norm=0\.5\)"),
+    ("adamw", {"fused": True}, r"add GradientClipping\(max_norm=0\.5\)"),
+])
+def test_gradient_clip_val_with_a_fused_optimizer_under_bf16_mixed_fails_before_training(
+        optimizer, kwargs, fix, quiet_trainer_kwargs, gen):
+    model = _spec_module(optimizer, **kwargs)
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=2, precision="bf16-mixed", gradient_clip_val=0.5)
+    with pytest.raises(SpecError, match=r"Trainer\(gradient_clip_val\)=0\.5 cannot clip .* under "
+                                        r"precision='bf16-mixed'.*Fix: remove gradient_clip_val and " + fix):
+        trainer.fit(model, _loader(gen))
+    assert model.batches == 0
+
+
+@pytest.mark.parametrize("how", ["max_grad_norm", "GradientClipping", "32-true"])
+def test_the_suggested_fixes_train(how, quiet_trainer_kwargs, gen):
+    from lightning_optkit.callbacks import GradientClipping
+
+    model = _spec_module("fused_adamw", **({"max_grad_norm": 0.5} if how == "max_grad_norm" else {}))
+    kwargs = {"precision": "bf16-mixed"}
+    if how == "GradientClipping":
+        kwargs["callbacks"] = [GradientClipping(max_norm=0.5)]
+    if how == "32-true":  # Lightning clips FusedAdamW itself at full precision
+        kwargs = {"precision": "32-true", "gradient_clip_val": 0.5}
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=3, **kwargs)
+    trainer.fit(model, _loader(gen))
+    assert model.batches == 3 and trainer.global_step == 3

@@ -345,6 +345,62 @@ def test_a_skipped_step_is_logged_alike_whatever_the_callback_order(order, quiet
         for row in csv.DictReader(f):
             merged.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v != ""})
     assert sorted(merged) == [0, 1, 2, 3, 4]
-    assert math.isnan(float(merged[3]["grad_clip/total_norm"])) and math.isnan(float(merged[3]["grad_norm/total"]))
-    assert all(math.isfinite(float(merged[s]["grad_clip/total_norm"])) for s in (0, 1, 2, 4))
+    # the pre-clip norm is the monitor's (grad_clip/total_norm would repeat it); a NaN norm gives a NaN coefficient
+    assert math.isnan(float(merged[3]["grad_clip/clip_coef"])) and math.isnan(float(merged[3]["grad_norm/total"]))
+    assert all(math.isfinite(float(merged[s]["grad_clip/clip_coef"])) for s in (0, 1, 2, 4))
+    assert not any("grad_clip/total_norm" in row for row in merged.values())
     assert float(merged[4]["guard/skipped_steps"]) == 1
+
+
+# ------------------------------------------------------------------ the console line
+class NaNGradientIn(pl.Callback):
+    """Puts a NaN into one parameter's gradient at the given optimizer steps (as a broken kernel would)."""
+
+    def __init__(self, steps, param: str = "net.2.weight") -> None:
+        self.steps, self.param = set(steps), param
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step in self.steps:
+            dict(pl_module.named_parameters())[self.param].grad[0, 0] = math.nan
+
+
+def guard_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "lightning_optkit.callbacks.guard"]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "kit"])  # the host-sync path and a sync-free one
+def test_a_skip_on_a_logging_step_is_one_line_naming_the_non_finite_tensor(kind, caplog, quiet_trainer_kwargs):
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=6, log_every_n_steps=1,
+                         callbacks=[NaNGradientIn({2}), NonFiniteGuard()])
+    with caplog.at_level("WARNING", logger="lightning_optkit"):
+        trainer.fit(Regressor(kind), make_loader())
+    assert guard_lines(caplog) == ["NonFiniteGuard: skipped optimizer step 2 (non-finite gradients in net.2.weight; "
+                                   "1 in this fit); at most one such line per 60 s"]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "kit"])
+def test_skips_are_rate_limited_and_summed_up_at_the_end(kind, caplog, quiet_trainer_kwargs):
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=8, log_every_n_steps=50,
+                         callbacks=[NaNGradientIn({1, 3, 4}), NonFiniteGuard()])
+    with caplog.at_level("WARNING", logger="lightning_optkit"):
+        trainer.fit(Regressor(kind), make_loader())
+    lines = guard_lines(caplog)
+    if kind == "adamw":  # the guard reads each step: the first skip at once, the others held back
+        assert lines == [
+            "NonFiniteGuard: skipped optimizer step 1 (non-finite or spiking gradients; logging steps name the "
+            "tensors; 1 in this fit); at most one such line per 60 s",
+            "NonFiniteGuard: 3 optimizer steps skipped in this fit, 2 of them since the last message"]
+    else:  # no host sync off logging steps: told at the end-of-training read, in one line
+        assert lines == ["NonFiniteGuard: skipped 3 optimizer steps, between steps 0 and 8 (non-finite or spiking "
+                         "gradients; logging steps name the tensors; 3 in this fit); at most one such line per 60 s"]
+
+
+def test_without_the_rate_limit_every_skip_gets_its_line(caplog, quiet_trainer_kwargs):
+    guard = NonFiniteGuard()
+    guard.WARN_EVERY_S = 0.0
+    trainer = pl.Trainer(**quiet_trainer_kwargs, max_steps=8, log_every_n_steps=1,
+                         callbacks=[NaNGradientIn({1, 3, 4}), guard])
+    with caplog.at_level("WARNING", logger="lightning_optkit"):
+        trainer.fit(Regressor("kit"), make_loader())
+    assert [line.split(" (")[0] for line in guard_lines(caplog)] == [
+        f"NonFiniteGuard: skipped optimizer step {s}" for s in (1, 3, 4)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -236,3 +238,96 @@ def test_list_spec_with_a_training_step_that_returns_the_loss_fails_on_the_first
     trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=4)
     with pytest.raises(SpecError, match="manual_step"):
         trainer.fit(ReturnsLoss({"name": "constant"}), gan_data())
+
+
+# ------------------------------------------------------------------ a hand-written configure_optimizers
+class OwnConfigureOptimizers(Regressor):
+    """A user's configure_optimizers on a module that also sets a spec: the spec would be dead configuration."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class ExtendsConfigureOptimizers(Regressor):
+    """An override that builds from the spec and adds to it (here: records the optimizer) uses the spec."""
+
+    def configure_optimizers(self):
+        result = super().configure_optimizers()
+        self.built = result
+        return result
+
+
+def test_a_configure_optimizers_that_ignores_the_spec_fails_before_training(quiet_trainer_kwargs) -> None:
+    model = OwnConfigureOptimizers(optim=STEP_SPEC)
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=2)
+    with pytest.raises(SpecError, match=r"configure_optimizers=.*ignores the optimizer spec.*"
+                                        r"delete OwnConfigureOptimizers.configure_optimizers"):
+        trainer.fit(model, loader())
+    assert model.steps_run == 0
+
+
+def test_a_configure_optimizers_that_calls_super_trains_from_the_spec(quiet_trainer_kwargs) -> None:
+    model = ExtendsConfigureOptimizers(optim=STEP_SPEC)
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=2)
+    trainer.fit(model, loader())
+    assert model.steps_run == 2
+    assert {g["name"] for g in trainer.optimizers[0].param_groups} == {"backbone", "backbone/no_decay", "head",
+                                                                       "head/no_decay"}
+    with pytest.raises(SpecError, match="ignores the optimizer spec"):  # the same Trainer, now the wrong override
+        trainer.fit(OwnConfigureOptimizers(optim=STEP_SPEC), loader())
+
+
+# ------------------------------------------------------------------ validate() before fit()
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class Validated(Regressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.binary_cross_entropy_with_logits(self.head(self.backbone(x)), y))
+
+
+def test_validate_before_fit_adds_no_confusing_override_message(quiet_trainer_kwargs) -> None:
+    from lightning_optkit.distributed import RestoreLoaderPosition
+
+    records = Records()
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(records)
+    try:
+        model = Validated(optim={"optimizer": "adamw", "lr": 1e-2, "schedule": {"name": "cosine", "warmup": "10%"}})
+        trainer = L.Trainer(**quiet_trainer_kwargs, max_epochs=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.validate(model, loader())
+            trainer.fit(model, loader(), loader())
+            trainer.validate(model, loader())
+    finally:
+        lightning_log.removeHandler(records)
+    kit_names = ("RestoreLoaderPosition", "ManualStepCheck", "ScheduleFreeMode", "SpecInUseCheck")
+    noisy = [line for line in records.lines + [str(w.message) for w in caught] if any(n in line for n in kit_names)]
+    assert not noisy, noisy
+    assert records.lines  # the handler does see Lightning's own info lines
+    assert model.steps_run == 8
+    assert sum(isinstance(cb, RestoreLoaderPosition) for cb in trainer.callbacks) == 1
+
+
+def test_several_optimizers_are_still_checked_in_a_fit_after_validate(quiet_trainer_kwargs) -> None:
+    class ReturnsLoss(DeterministicGAN):
+        def training_step(self, batch, batch_idx):
+            real, z = batch
+            return self.discriminator(self.generator(z)).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("v", self.discriminator(batch[0]).mean())
+
+    model = ReturnsLoss({"name": "constant"})
+    trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=4)
+    trainer.validate(model, gan_data())
+    with pytest.raises(SpecError, match="manual_step"):
+        trainer.fit(model, gan_data())

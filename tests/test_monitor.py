@@ -138,7 +138,7 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
         assert row["grad_norm/total"] == pytest.approx(ref["grad"], rel=REL)
         coef = min(1.0, 0.05 / (ref["grad"] + 1e-6))
         clipped_somewhere |= coef < 1
-        assert row["grad_norm/clip_coef"] == pytest.approx(coef, rel=REL)
+        assert row["grad_clip/clip_coef"] == pytest.approx(coef, rel=REL)  # one owner of each key, one row
         assert row["grad_norm/total_clipped"] == pytest.approx(ref["grad"] * coef, rel=REL)
         assert row["param_norm/total"] == pytest.approx(ref["param"], rel=REL)
         assert row["update_norm/total"] == pytest.approx(ref["update"], rel=REL)
@@ -150,13 +150,12 @@ def test_wandb_offline_rows_match_float64_reference(tmp_path, monkeypatch, quiet
         hist = row["grad_norm/layer_histogram"]
         assert hist["_type"] == "histogram" and sum(hist["values"]) == 3  # one count per layer
     assert clipped_somewhere, "max_norm too large: the clipped keys were never exercised"
-    # GradientClipping's own row reaches W&B at the same steps, with the same pre-clip norm
-    clip_rows = {r["trainer/global_step"]: r for r in read_history(tmp_path) if "grad_clip/total_norm" in r}
-    assert sorted(clip_rows) == [1, 3, 5]
-    for row in rows:
-        clip_row = clip_rows[row["trainer/global_step"]]
-        assert clip_row["grad_clip/total_norm"] == pytest.approx(row["grad_norm/total"], rel=REL)
-        assert clip_row["grad_clip/clip_coef"] == pytest.approx(row["grad_norm/clip_coef"], rel=REL)
+    # GradientClipping's values are in the same W&B row; the pre-clip norm is the monitor's alone
+    history = read_history(tmp_path)
+    assert [r["trainer/global_step"] for r in history if "grad_clip/clip_coef" in r] == [1, 3, 5]
+    assert not any("grad_clip/total_norm" in r or "grad_norm/clip_coef" in r for r in history)
+    assert trainer.callback_metrics["grad_clip/total_norm"].item() == pytest.approx(rows[-1]["grad_norm/total"],
+                                                                                      rel=REL)
     # the lr logged is the one the step used: StepLR(gamma=0.8) per step, starting at 0.1
     assert [r["lr/body"] for r in rows] == pytest.approx([0.1 * 0.8**s for s in (1, 3, 5)], rel=1e-12)
 
@@ -262,7 +261,7 @@ def test_clipped_norm_is_the_post_clip_norm_and_never_stale(tmp_path, quiet_trai
     for row in rows:
         if clip_refreshed:
             assert row["grad_norm/total_clipped"] == pytest.approx(post.norms[int(row["step"])], rel=REL)
-            assert row["grad_norm/clip_coef"] < 1
+            assert row["grad_clip/clip_coef"] < 1 and "grad_norm/clip_coef" not in row  # the clipper's key
         else:  # a coefficient from an earlier step is left out rather than misreported
             assert "grad_norm/total_clipped" not in row and "grad_norm/clip_coef" not in row
 
@@ -342,14 +341,15 @@ def test_clipping_guard_and_monitor_name_several_optimizers_alike(tmp_path, quie
     assert len(rows) == 3
     keys = set().union(*rows)
     for label in ("Adam", "Adam-1"):
-        assert {f"grad_clip/{label}/total_norm", f"grad_clip/{label}/clip_coef", f"guard/{label}/skipped_steps",
+        assert {f"grad_clip/{label}/clip_coef", f"guard/{label}/skipped_steps",
                 f"guard/{label}/consecutive_skips", f"lr/{label}/pg0", f"grad_norm/{label}/total"} <= keys
+        assert f"grad_clip/{label}/total_norm" not in keys  # the monitor's grad_norm/<label>/total is that norm
     assert not any("_opt" in k for k in keys)
-    for row in rows:  # the same label names the same optimizer: both pre-clip norms agree
+    for row in rows:  # the same label names the same optimizer: the clip came from the monitor's norm
         for label in ("Adam", "Adam-1"):
-            if math.isfinite(row[f"grad_norm/{label}/total"]):
-                assert row[f"grad_clip/{label}/total_norm"] == pytest.approx(row[f"grad_norm/{label}/total"],
-                                                                             rel=REL)
+            total = row[f"grad_norm/{label}/total"]
+            if math.isfinite(total):
+                assert row[f"grad_clip/{label}/clip_coef"] == pytest.approx(min(1.0, 0.05 / (total + 1e-6)), rel=REL)
     assert rows[-1]["guard/Adam-1/skipped_steps"] == 1 and rows[-1]["guard/Adam/skipped_steps"] == 0
 
 
@@ -387,7 +387,7 @@ def test_all_callbacks_log_on_the_same_steps_as_lightning(tmp_path, quiet_traine
     trainer.fit(StopsAtBatch(stop_at=4))  # Lightning writes rows at steps 2 and 4 (the stop)
     rows = read_csv_rows(logger)
     by_key = {key: [int(r["step"]) for r in rows if key in r]
-              for key in ("grad_clip/total_norm", "guard/skipped_steps", "grad_norm/total", "lr/body")}
+              for key in ("grad_clip/clip_coef", "guard/skipped_steps", "grad_norm/total", "lr/body")}
     assert by_key == {key: [2, 4] for key in by_key}, by_key
 
 
@@ -460,3 +460,85 @@ def test_clipped_norm_is_the_result_of_every_clipping_callback(tmp_path, quiet_t
         assert row["grad_norm/total_clipped"] == pytest.approx(norm, rel=REL)
         assert row["grad_norm/clip_coef"] == pytest.approx(norm / row["grad_norm/total"], rel=REL)
     assert any(n == pytest.approx(0.05, rel=1e-5) for n in final.norms), final.norms  # the norm clip acted
+
+
+# ---------------------------------------------------------------------------------------------- per-layer keys
+class Encoder(LightningModule):
+    """An embedding, a two-layer nn.TransformerEncoder and a head: the layers a user has are the encoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 2)
+        self.data = TensorDataset(torch.randn(16, 3, 4), torch.randn(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.head(self.encoder(self.embed(x)).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=8)
+
+
+def grad_layer_row(tmp_path, quiet_trainer_kwargs, model) -> tuple[dict[str, float], dict]:
+    recorder = Recorder()
+    logger = CSVLogger(str(tmp_path))
+    monitor = OptimizerMonitor(every_n_steps=1, norms="grad", momentum=False)
+    Trainer(**{**quiet_trainer_kwargs, "logger": logger}, max_steps=1, callbacks=[recorder, monitor]).fit(model)
+    (row,) = read_csv_rows(logger)
+    return {k.removeprefix("grad_norm/layer/"): v for k, v in row.items() if k.startswith("grad_norm/layer/")}, \
+        recorder.steps[(0, 0)]
+
+
+def test_per_layer_keys_follow_the_numbered_layers_of_a_transformer_encoder(tmp_path, quiet_trainer_kwargs):
+    layers, rec = grad_layer_row(tmp_path, quiet_trainer_kwargs, Encoder())
+    layer_of = {n: ".".join(n.split(".")[:3]) if n.startswith("encoder.layers.") else n.split(".")[0]
+                for n in rec["before"]}  # by hand: encoder.layers.<i>, embed, head
+    assert sorted(layers) == ["embed", "encoder.layers.0", "encoder.layers.1", "head"]
+    ref = expected(rec, layer_of)
+    for layer, value in layers.items():
+        assert value == pytest.approx(ref[f"grad/{layer}"], rel=REL), layer
+
+
+def test_per_layer_keys_follow_the_blocks_of_the_specs_layer_decay(tmp_path, quiet_trainer_kwargs):
+    from lightning_optkit import OptimizerMixin, OptimizerSpec
+
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return x
+
+    class Staged(OptimizerMixin, LightningModule):
+        def __init__(self, layer_decay: dict | None) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), Stage())
+            self.head = nn.Linear(8, 2)
+            self.optim_spec = OptimizerSpec("sgd", lr=0.1, layer_decay=layer_decay)
+            self.data = TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.head(self.body(x)), y)
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=8)
+
+    decay = {"rate": 0.5, "depth": r"re:blocks\.(\d+)\."}
+    layers, rec = grad_layer_row(tmp_path / "decay", quiet_trainer_kwargs, Staged(decay))
+    assert sorted(layers) == ["body.0", "body.1.blocks.0", "body.1.blocks.1", "body.1.blocks.2", "head"]
+    layer_of = {n: n.rsplit(".", 1)[0] for n in rec["before"]}  # each Linear is its own layer here
+    ref = expected(rec, layer_of)
+    for layer, value in layers.items():
+        assert value == pytest.approx(ref[f"grad/{layer}"], rel=REL), layer
+    plain, _ = grad_layer_row(tmp_path / "plain", quiet_trainer_kwargs, Staged(None))
+    assert sorted(plain) == ["body.0", "body.1", "head"]  # without layer decay: the first numbered module

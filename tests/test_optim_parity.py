@@ -214,3 +214,68 @@ def test_bias_correction_keeps_float32_precision() -> None:
     want = torch.tensor([1 - 0.999**t for t in (1, 2, 10, 1000)], dtype=torch.float64)
     assert ((got - want).abs() / want).max() < 1e-6
     assert math.isclose(float(bias_correction([torch.tensor(3.0)], 0.0)), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lion_fused_and_foreach_agree_bit_for_bit(dtype, weight_decay) -> None:
+    """On the torch backend (CPU) both paths run the same foreach operations: equal bits, also with a deferred
+    clip scale and a skipped step."""
+    shapes = [(5, 3), (7,), (64, 9)]
+    start = [torch.randn(s, dtype=dtype) for s in shapes]
+    runs = []
+    for fused in (None, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = Lion(params, lr=1e-2, weight_decay=weight_decay, fused=fused)
+        gen = torch.Generator().manual_seed(7)
+        for step in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+            if step >= 4:  # guarded steps: a clip coefficient and a skip flag, skipping step 5
+                optimizer.defer_grad_scale(torch.tensor(0.37, dtype=dtype))
+                optimizer.defer_skip(torch.tensor(step == 5))
+            optimizer.step()
+        runs.append((params, [optimizer.state[p]["exp_avg"] for p in params]))
+    (a, ma), (b, mb) = runs
+    for x, y in zip([*a, *ma], [*b, *mb]):
+        assert torch.equal(x.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           y.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.03])
+def test_momentum_sgd_dampening_is_torch_sgd_bit_for_bit(foreach: bool, weight_decay: float, tmp_path) -> None:
+    """torch's first step copies the gradient undamped; later ones add (1 - dampening) * g. A torch SGD
+    checkpoint (no step counters) continues identically in the kit."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.05, momentum=0.85, dampening=0.4, weight_decay=weight_decay, foreach=foreach)
+    ours, theirs = MomentumSGD(model.parameters(), **kw), torch.optim.SGD(twin.parameters(), **kw)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            x, y = torch.randn(16, 6), torch.randn(16, 3)
+            for net, opt in ((model, ours), (twin, theirs)):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(net(x), y).backward()
+                opt.step()
+            for a, b in zip(model.parameters(), twin.parameters()):
+                assert torch.equal(a, b)
+
+    train(6)
+    torch.save(theirs.state_dict(), tmp_path / "sgd.pt")
+    ours = MomentumSGD(model.parameters(), **kw)
+    ours.load_state_dict(torch.load(tmp_path / "sgd.pt", weights_only=True))
+    train(4)
+
+
+def test_momentum_sgd_dampening_errors_name_the_field() -> None:
+    from lightning_optkit.errors import SpecError
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(SpecError, match="nesterov"):
+        MomentumSGD(params, momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(SpecError, match="dampening"):
+        MomentumSGD(params, momentum=0.9, dampening=0.1, fused=True)
+    with pytest.raises(SpecError, match="dampening"):
+        MomentumSGD(params, dampening=-0.1)

@@ -169,3 +169,66 @@ def test_layer_decay_top_depth_does_not_depend_on_what_follows_the_last_block() 
     rows = {r.param: r for r in plan(model, spec)}
     assert rows["blocks.2.fc.weight"].lr == pytest.approx(0.5)  # depth 3 of max 4, as with a head
     assert rows["embed.weight"].lr == pytest.approx(0.5 ** 4)
+
+
+class ScaleNorm2d(nn.Module):
+    """A custom normalisation layer whose gain is 2-D ([C, 1]): shape alone does not say it is a norm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gain * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class Affine(nn.Module):
+    """Declares itself a normalisation layer (a name that says nothing)."""
+
+    is_norm_layer = True
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels, 1))
+
+
+class GatedNorm(ScaleNorm2d):
+    """Its base says Norm; it opts out, so its 2-D gain is decayed."""
+
+    is_norm_layer = False
+
+
+class LayerNormLinear(nn.Module):
+    """A fused norm + linear layer: the name does not end in Norm, its weight is a linear layer's."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels))
+
+
+def test_auto_no_decay_recognises_norm_layers_by_kind_not_shape() -> None:
+    model = nn.ModuleDict({"norm": ScaleNorm2d(4), "affine": Affine(4), "gated": GatedNorm(4),
+                           "fused": LayerNormLinear(4), "proj": nn.Linear(4, 4, bias=False),
+                           "sub": nn.Sequential(ScaleNorm2d(4))})
+    got = groups_of(build_optimizers(model, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1)), model)
+    assert got["default/no_decay"]["params"] == ["affine.scale", "norm.gain", "sub.0.gain"]
+    assert got["default"]["params"] == ["fused.weight", "gated.gain", "proj.weight"]
+    assert got["default"]["weight_decay"] == 0.1 and got["default/no_decay"]["weight_decay"] == 0.0
+
+
+def test_the_plan_shows_as_its_table_at_a_prompt_and_when_printed(capsys) -> None:
+    """A Python prompt or notebook displays ``plan(model, spec)`` through its repr: the table, not a list dump."""
+    import sys
+
+    model = Toy()
+    result = plan(model, OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1, groups=[ParamGroup("head.*", name="head")]))
+    sys.__displayhook__(result)  # what the interactive interpreter does with an expression's value
+    shown = capsys.readouterr().out
+    print(result)
+    printed = capsys.readouterr().out
+    assert shown == printed
+    lines = shown.splitlines()
+    assert lines[0].split() == ["parameter", "optimizer", "group", "lr", "weight_decay", "shape", "numel"]
+    head = next(line for line in lines if line.startswith("head.weight"))
+    assert head.split()[:5] == ["head.weight", "AdamW", "head", "0.001", "0.1"]
+    assert lines[-1].startswith(f"{len(result)} parameters") and "PlanRow(" not in shown

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -71,3 +74,90 @@ def test_schedule_subcommand_without_a_schedule_fails(tmp_path, capsys) -> None:
     args = parser.parse_args(["schedule", str(spec), "--steps", "10"])
     assert args.func(args) == 1
     assert "no kit schedule" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ what a user of `optkit schedule` reads
+def test_epoch_durations_ask_for_steps_per_epoch_on_the_command_line(tmp_path, capsys) -> None:
+    from lightning_optkit.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("optimizer: adamw\nlr: 1e-3\nschedule: {name: cosine, warmup: 2ep}\n")
+    assert main(["schedule", str(spec), "--steps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "warmup='2ep' counts epochs" in err and "Fix: pass --steps-per-epoch N" in err
+    assert main(["schedule", str(spec), "--steps", "100", "--steps-per-epoch", "10"]) == 0
+    assert "warmup ends at step 20" in capsys.readouterr().out
+
+
+def test_several_optimizers_get_their_own_titled_plot(tmp_path, capsys) -> None:
+    from lightning_optkit.cli import main
+
+    spec = tmp_path / "gan.yaml"
+    spec.write_text("- {optimizer: adam, name: gen, lr: 2e-4, params: 'gen.*', schedule: {name: cosine, warmup: 10%}}\n"
+                    "- {optimizer: adam, name: disc, lr: 1e-4, params: 'disc.*', schedule: {name: linear}}\n")
+    assert main(["schedule", str(spec), "--steps", "50", "--plot", str(tmp_path / "lr.png")]) == 0
+    out = capsys.readouterr().out
+    for name in ("gen", "disc"):
+        assert f"plot written to {tmp_path / f'lr_{name}.png'}" in out
+        assert (tmp_path / f"lr_{name}.png").read_bytes().startswith(PNG_MAGIC)
+    schedule = Schedule("linear")
+    figure = plot(preview(schedule, {"default": 1e-4}, steps=50), schedule, title="disc")
+    assert figure.axes[0].get_title() == "disc: Schedule('linear')"
+
+
+@pytest.mark.parametrize(("yscale", "expected"), [("auto", "symlog"), ("log", "symlog"), ("linear", "linear")])
+def test_a_head_with_lr_scale_10_is_plotted_on_a_log_axis_unless_asked_otherwise(yscale, expected) -> None:
+    schedule = Schedule("cosine", warmup=5)
+    summary = preview(schedule, {"default": 1e-3, "head": 1e-2}, steps=50)
+    assert plot(summary, schedule, yscale=yscale).axes[0].get_yscale() == expected
+    small = preview(schedule, {"default": 1e-3, "head": 2e-3}, steps=50)
+    assert plot(small, schedule).axes[0].get_yscale() == "linear"  # close lrs stay linear in auto
+
+
+MODELS = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 2)
+'''
+
+
+def test_layer_decay_is_previewed_with_a_model_and_flagged_without_one(tmp_path, capsys, monkeypatch) -> None:
+    from lightning_optkit.cli import main
+
+    (tmp_path / "decaymodels.py").write_text(MODELS)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("optimizer: adamw\nlr: 1e-3\nlayer_decay: {rate: 0.5, depth: 're:blocks\\.(\\d+)\\.'}\n"
+                    "schedule: {name: constant}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "decaymodels", raising=False)
+    assert main(["schedule", "spec.yaml", "--steps", "10"]) == 0
+    assert "note: layer_decay is not applied without a model; pass --model" in capsys.readouterr().out
+    assert main(["schedule", "spec.yaml", "--steps", "10", "--model", "decaymodels:Net"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out
+    # depth 0 (embed), blocks 1 and 2, head at max depth 3: lr * 0.5 ** (3 - depth)
+    for depth in range(4):
+        assert f"default/layer{depth}: start {1e-3 * 0.5 ** (3 - depth):.4g}," in out, out
+
+
+@pytest.mark.slow
+def test_without_matplotlib_the_summary_prints_then_one_line_names_the_plot_extra(tmp_path) -> None:
+    from readme_env import readme_env
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("optimizer: adamw\nlr: 1e-3\nschedule: {name: cosine, warmup: 5%}\n")
+    script = Path(sys.executable).parent / "optkit"
+    run = subprocess.run([str(script), "schedule", "spec.yaml", "--steps", "100", "--plot", "lr.png"], cwd=tmp_path,
+                         env=readme_env(also_hide=("matplotlib",)), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "100 steps, warmup ends at step 5" in run.stdout
+    assert run.stderr == ("optkit schedule: plotting a schedule needs matplotlib, which is not installed. Fix: pip "
+                          "install 'lightning_optkit[plot]' (in a clone of the repository: bash scripts/setup_env.sh "
+                          "plot)\n")
+    assert not (tmp_path / "lr.png").exists()

@@ -85,7 +85,9 @@ def warm(t: int, w: int, s: float) -> float:
         ("exponential", {"gamma": "0.9"}, lambda s, d: 0.9**s),
         ("wsd", {"decay": "20%"}, lambda s, d: 1.0 if s < 35 - 8 else 1 - (s - 27) / 8),
         ("wsd", {"decay": 10, "decay_shape": "1-sqrt"}, lambda s, d: 1.0 if s < 25 else 1 - math.sqrt((s - 25) / 10)),
-        ("cosine_restarts", {"period": 7}, lambda s, d: 0.5 * (1 + math.cos(math.pi * (s % 7) / 7))),
+        # at the end (s = d = 35, a cycle boundary) the last cycle ends at its bottom, it does not restart
+        ("cosine_restarts", {"period": 7},
+         lambda s, d: 0.5 * (1 + math.cos(math.pi * (s % 7 if s < d or s % 7 else 7) / 7))),
     ],
 )
 def test_closed_form_with_warmup_and_floor(name, kwargs, decay) -> None:
@@ -223,3 +225,35 @@ def test_register_a_class_and_reject_unreadable_signatures() -> None:
         register_schedule("test_bad")(lambda step, decay_steps, **kw: 1.0)
     with pytest.raises(ValueError, match="already registered"):
         register_schedule("cosine")(lambda step, decay_steps: 1.0)
+
+
+HOLD_CASES = [(name, {**REQUIRED.get(name, {}), **extra}) for name, extra in [
+    ("constant", {}), ("linear", {}), ("cosine", {}), ("cosine_restarts", {}), ("cosine_restarts", {"period": 9}),
+    ("cosine_restarts", {"period": 7}), ("cosine_restarts", {"period": 12, "period_mult": 2}), ("polynomial", {}),
+    ("inverse_sqrt", {}), ("exponential", {}), ("step", {}), ("multistep", {}), ("inverse_time", {}), ("wsd", {}),
+    ("wsd", {"decay_shape": "cosine"}), ("plateau", {}), ("onecycle", {}),
+]]
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+@pytest.mark.parametrize(("name", "kwargs"), HOLD_CASES, ids=[f"{n}{sorted(k.items())}" for n, k in HOLD_CASES])
+def test_every_schedule_is_constant_after_total_at_the_end_of_its_curve(name, kwargs, interval) -> None:
+    """After ``total`` the multiplier holds the value the curve ended on: no restart, no bounce back up."""
+    per_epoch = 3 if interval == "epoch" else None
+    warmup = {} if name == "onecycle" else {"warmup": 4, "min_lr_ratio": 0.05}
+    schedule = Schedule(name, total=40, interval=interval, **warmup, **kwargs)
+    end = 40 * (per_epoch or 1)
+    ms = schedule.multipliers(3 * end, per_epoch)
+    assert ms[end:] == [ms[end]] * (2 * end), "not constant after total"
+    last = ms[end - (per_epoch or 1)]  # the curve's last value before total
+    assert ms[end] <= last + 1e-12, f"jumps back up at total: {last} -> {ms[end]}"
+    assert ms[end] == pytest.approx(schedule.curve(end, per_epoch)(10**9))
+
+
+def test_cosine_restarts_ends_at_the_floor_when_total_is_a_cycle_boundary() -> None:
+    ms = Schedule("cosine_restarts", period=100, total=500).multipliers(1000)
+    assert ms[100] == 1.0 and ms[499] < 1e-3  # restarts inside the schedule, as before
+    assert ms[500:] == [0.0] * 500  # the final value of the last cycle, like plain cosine
+    assert Schedule("cosine", total=500).multipliers(1000)[500:] == [0.0] * 500
+    floored = Schedule("cosine_restarts", period=100, period_mult=2, total=700, min_lr_ratio=0.1).multipliers(900)
+    assert floored[300] == 1.0 and floored[700:] == [pytest.approx(0.1)] * 200

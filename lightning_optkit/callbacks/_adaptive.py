@@ -2,7 +2,8 @@
 
 Private to :mod:`lightning_optkit.callbacks`. Every update is branch-free tensor arithmetic
 (``torch.where`` instead of ``if``), so tracking costs no host sync. Non-finite norms never enter
-the statistics.
+the statistics. Statistics are float32, or float64 once a float64 norm arrives (a float64 run's
+thresholds are float64 throughout).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import torch
 __all__ = ["RunningNormStats", "NormHistory"]
 
 
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device)
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = t.dtype if dtype is None else dtype
+    return t if t.device == device and t.dtype == dtype else t.to(device, dtype)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class RunningNormStats:
@@ -33,8 +39,8 @@ class RunningNormStats:
         self.var = torch.zeros((), dtype=torch.float32)
         self.count = torch.zeros((), dtype=torch.float32)  # finite samples seen (device, no sync)
 
-    def _to(self, device: torch.device) -> None:
-        self.mean, self.var, self.count = (_on(t, device) for t in (self.mean, self.var, self.count))
+    def _to(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.mean, self.var, self.count = (_on(t, device, dtype) for t in (self.mean, self.var, self.count))
 
     def ready(self, device: torch.device) -> torch.Tensor:
         """0-d bool: the warmup is over."""
@@ -48,8 +54,9 @@ class RunningNormStats:
 
     def update(self, x: torch.Tensor, accept: torch.Tensor | None = None) -> None:
         """Add the 0-d norm ``x`` when it is finite (and ``accept``, a 0-d bool, is true)."""
-        self._to(x.device)
-        x = x.float()
+        dtype = _stat_dtype(x)
+        self._to(x.device, dtype)
+        x = x.to(dtype)
         ok = torch.isfinite(x)
         if accept is not None:
             ok = ok & accept
@@ -58,7 +65,7 @@ class RunningNormStats:
         d = torch.where(ok, x, self.mean) - self.mean  # 0 when rejected, avoids NaN arithmetic
         self.mean = torch.where(ok, self.mean + w * d, self.mean)
         self.var = torch.where(ok, (1.0 - w) * (self.var + w * d * d), self.var)
-        self.count = self.count + ok.float()
+        self.count = self.count + ok.to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Host copies of the statistics (called when checkpointing)."""
@@ -67,9 +74,8 @@ class RunningNormStats:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore statistics; they move to the gradients' device at the next update."""
-        self.mean = state["mean"].float().clone()
-        self.var = state["var"].float().clone()
-        self.count = state["count"].float().clone()
+        self.mean, self.var, self.count = (state[k].to(_stat_dtype(state[k])).clone()
+                                           for k in ("mean", "var", "count"))
 
 
 class NormHistory:
@@ -85,8 +91,8 @@ class NormHistory:
         self.buffer = torch.full((length,), math.nan, dtype=torch.float32)
         self.pos = 0
 
-    def _to(self, device: torch.device) -> None:
-        self.buffer = _on(self.buffer, device)
+    def _to(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.buffer = _on(self.buffer, device, dtype)
 
     def ready(self, device: torch.device) -> torch.Tensor:
         """0-d bool: at least ``warmup`` finite norms are stored."""
@@ -100,8 +106,9 @@ class NormHistory:
 
     def update(self, x: torch.Tensor) -> None:
         """Store the 0-d norm ``x`` (NaN if it is not finite), overwriting the oldest slot."""
-        self._to(x.device)
-        x = x.float()
+        dtype = _stat_dtype(x)
+        self._to(x.device, dtype)
+        x = x.to(dtype)
         self.buffer[self.pos] = torch.where(torch.isfinite(x), x, torch.full_like(x, math.nan))
         self.pos = (self.pos + 1) % self.buffer.numel()
 
@@ -114,10 +121,11 @@ class NormHistory:
         buf = state["buffer"]
         assert isinstance(buf, torch.Tensor)
         pos = int(state["pos"])  # type: ignore[arg-type]
-        ordered = torch.cat([buf[pos:], buf[:pos]]).float()  # oldest first
+        ordered = torch.cat([buf[pos:], buf[:pos]])  # oldest first
+        ordered = ordered.to(_stat_dtype(ordered))
         n = self.buffer.numel()
         ordered = ordered[-n:]
-        fresh = torch.full((n,), math.nan, dtype=torch.float32)
+        fresh = torch.full((n,), math.nan, dtype=ordered.dtype)
         fresh[: ordered.numel()] = ordered
         self.buffer = fresh
         self.pos = ordered.numel() % n

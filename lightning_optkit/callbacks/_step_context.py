@@ -19,11 +19,13 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.sharding import check_placements, local_tensors
 
 __all__ = [
     "LeanCallback",
     "active_scaler",
     "arm_fused_skip",
+    "check_sharded_layout",
     "current_grad_norms",
     "disarm_fused_skip",
     "ensure_unscaled",
@@ -113,18 +115,32 @@ def run_after_gradient_readers(trainer: pl.Trainer, callback: Callback) -> None:
 
 # ------------------------------------------------------------------ strategies
 def refuse_sharded_strategy(trainer: pl.Trainer, callback: str, fix: str) -> None:
-    """Raise a SpecError when the strategy shards parameters (FSDP, DeepSpeed, ModelParallel).
+    """Raise a SpecError under FSDP1 (``FSDPStrategy``) or DeepSpeed, whose sharding the kit cannot see.
 
-    Each rank then holds only its shard of every gradient, so norms, clip coefficients and skip
-    decisions computed from ``optimizer.param_groups`` would be per-shard, and could differ
-    between ranks: wrong, silently. DDP (every rank holds the reduced gradients) is fine.
+    FSDP1 flattens parameters into per-rank flat buffers and DeepSpeed keeps its own partitions, so
+    norms, clip coefficients and skip decisions computed from ``optimizer.param_groups`` would be
+    per-shard and could differ between ranks: wrong, silently. FSDP2 under ``ModelParallelStrategy``
+    keeps every parameter a DTensor, whose whole-tensor norms the kit reduces across ranks (see
+    :mod:`lightning_optkit.sharding`), and DDP gives every rank the reduced gradients: both are fine.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     strategy = trainer.strategy
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise SpecError("Trainer(strategy)", type(strategy).__name__, fix,
-                        problem=f"shards the parameters, so {callback} would see each rank's shard only")
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise SpecError("Trainer(strategy)", type(strategy).__name__,
+                        "shard with FSDP2 instead: Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+                        f"tensor_parallel_size=1)) and fully_shard in configure_model, where {callback} is "
+                        f"exact; or {fix}",
+                        problem=f"shards the parameters in flat buffers, so {callback} would see each rank's "
+                        "shard only")
+
+
+def check_sharded_layout(pl_module: pl.LightningModule, callback: str) -> None:
+    """Refuse (SpecError naming the parameter) a trainable DTensor whose layout has no exact whole-tensor norm.
+
+    Called when training starts, after ``configure_model`` has sharded the module.
+    """
+    check_placements(((name, p) for name, p in pl_module.named_parameters() if p.requires_grad), callback)
 
 
 # ------------------------------------------------------------------ logging cadence
@@ -235,8 +251,9 @@ _STEP_NORMS: list[_StepNorms | None] = [None]
 
 
 def _versions(grads: list[torch.Tensor]) -> list[int]:
-    # Tensor._version counts in-place writes; torch has no public equivalent (plateau.py reads it too)
-    return [g._version for g in grads]
+    # Tensor._version counts in-place writes; torch has no public equivalent (plateau.py reads it too).
+    # Under FSDP2 the local shard's counter: the kit and users write gradients through their shards.
+    return [g._version for g in local_tensors(grads)]
 
 
 def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
@@ -315,7 +332,8 @@ def note_grads_modified(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
         entry.rescan = True
     else:
         entry.deferred = deferred_scale if entry.deferred is None else entry.deferred * deferred_scale
-    entry.versions = [-1 if (g := ref()) is None else g._version for ref in entry.refs]  # the change is known
+    grads = [ref() for ref in entry.refs]
+    entry.versions = [-1 if g is None else _versions([g])[0] for g in grads]  # the change is known
 
 
 def take_deferred_scale(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ import torch
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    check_sharded_layout,
     current_grad_norms,
     ensure_unscaled,
     grad_params,
@@ -23,11 +24,18 @@ from lightning_optkit.callbacks._step_context import (
     refuse_sharded_strategy,
     take_deferred_scale,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import (
+    BatchSteps,
+    join_rows,
+    publish_step_metrics,
+    record_step_metrics,
+    stop_joining_rows,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
 from lightning_optkit.validation import number
 
 # clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
@@ -45,7 +53,8 @@ _PER = ("global", "group", "param")
 
 
 def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) -> None:
-    """``grads[i] *= coefs[i]`` with one foreach launch per (device, dtype) group."""
+    """``grads[i] *= coefs[i]`` with one foreach launch per (device, dtype) group (sharded: on the shards)."""
+    grads = local_tensors(grads)
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
     for g, c in zip(grads, coefs, strict=True):
         gs, cs = groups.setdefault((g.device, g.dtype), ([], []))
@@ -56,7 +65,9 @@ def _mul_grads_(grads: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]) ->
 
 
 def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
-    """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group."""
+    """``grads *= coef`` (a 0-d tensor) with one foreach launch per (device, dtype) group (sharded: on the
+    shards)."""
+    grads = local_tensors(grads)
     first = grads[0]
     if first.dtype == coef.dtype and all(g.dtype == coef.dtype for g in grads) and all(
             g.device == coef.device for g in grads):
@@ -69,9 +80,24 @@ def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
         torch._foreach_mul_(gs, coef.to(device, dtype))
 
 
+def _clamp_grads_(params: Sequence[torch.Tensor], max_value: float) -> None:
+    """``clip_grad_value_``: torch's own for plain gradients, the same clamp on the shards of sharded ones."""
+    grads = [p.grad for p in params]
+    if not any_sharded(grads):
+        torch.nn.utils.clip_grad_value_(params, max_value)
+        return
+    for g in local_tensors(grads):
+        g.clamp_(min=-max_value, max=max_value)
+
+
 def _unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """AGC unit-wise norms: per output unit (row/filter) for ndim > 1, whole tensor otherwise."""
-    x = x.detach().float()
+    """AGC unit-wise norms: per output unit (row/filter) for ndim > 1, whole tensor otherwise.
+
+    In the tensor's precision (float64 for float64 weights, as timm's AGC), float32 for bf16/fp16.
+    """
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x, norm_type)
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
@@ -112,7 +138,9 @@ class GradientClipping(LeanCallback):
     ==================================  ===============================================================
     Key                                 Value
     ==================================  ===============================================================
-    ``grad_clip/<o>total_norm``         total gradient norm before clipping (``exclude`` left out)
+    ``grad_clip/<o>total_norm``         total gradient norm before clipping (``exclude`` left out); not
+                                        logged when OptimizerMonitor logs it as ``grad_norm/<o>total``
+                                        (kept in ``trainer.callback_metrics``)
     ``grad_clip/<o>clip_coef``          coefficient applied; 1.0 when not clipped; for ``value``,
                                         ``agc``, per-group and per-param the ratio of post- to pre-clip
                                         total norm
@@ -136,6 +164,9 @@ class GradientClipping(LeanCallback):
 
     #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
     reads_gradients = True
+    #: Read by OptimizerMonitor: with this one clipper, ``grad_clip/clip_coef`` is the coefficient, so the
+    #: monitor does not log its own copy.
+    logs_clip_coef = True
 
     def __init__(self, max_norm: float | None = None, *, algorithm: str = "norm", norm_type: float = 2.0,
                  max_value: float | None = None, per: str = "global", exclude: Sequence[str] = (),
@@ -205,6 +236,7 @@ class GradientClipping(LeanCallback):
         self._excluded_ids: frozenset[int] = frozenset()
         self._steps = BatchSteps()  # items: (optimizer, total norm, coefficient, threshold)
         self._key_prefix = "grad_clip/"  # resolved at setup (several clippers: grad_clip/<algorithm>/)
+        self._log_total_norm = True  # resolved at setup: False when OptimizerMonitor logs the same norm
 
     @property
     def state_key(self) -> str:
@@ -229,9 +261,10 @@ class GradientClipping(LeanCallback):
         resolve ``exclude`` patterns."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "GradientClipping", "remove GradientClipping and set "
-                                    "Trainer(gradient_clip_val=...): Lightning then clips with the strategy's "
-                                    "own sharded clip_grad_norm_ (or use strategy='ddp')")
+                                    "Trainer(gradient_clip_val=...), or use strategy='ddp'")
             self._key_prefix = self._own_key_prefix(trainer)
+            self._log_total_norm = not self._total_norm_logged_elsewhere(trainer)
+            join_rows(trainer)  # one row per step with Lightning's own
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
             self.last_total_norm = self.last_clip_coef = self.last_threshold = None
@@ -259,6 +292,19 @@ class GradientClipping(LeanCallback):
                                 problem="matches no parameter")
             excluded.update(id(p) for p in hits)
         self._excluded_ids = frozenset(excluded)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""
+        check_sharded_layout(pl_module, "GradientClipping")
+        if self.algorithm != "agc":
+            return
+        for name, p in pl_module.named_parameters():
+            dims = shard_dims(p)
+            if p.requires_grad and p.ndim > 1 and any(d != 0 for d in dims):
+                raise SpecError(f"parameter {name!r}", tuple(p.placements), "shard it along dim 0 (fully_shard's "
+                                "default), exclude it (GradientClipping(..., exclude=[...])), or use "
+                                "algorithm='norm'", problem=f"is split along dim {dims}, so the unit-wise norms "
+                                "of algorithm='agc' (per output row) would cross shards")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -298,7 +344,7 @@ class GradientClipping(LeanCallback):
             if deferred is not None:
                 _scale_grads_([p.grad for p in grad_params(raw)], deferred)
             if self.algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, self.max_value)
+                _clamp_grads_(params, self.max_value)
             else:
                 self._agc(params)
             note_grads_modified(trainer, optimizer)
@@ -331,10 +377,22 @@ class GradientClipping(LeanCallback):
                 return f"grad_clip/{cb.algorithm}/" if n == 0 else f"grad_clip/{cb.algorithm}-{n}/"
         return "grad_clip/"  # unreachable: self is among the clippers
 
+    def _total_norm_logged_elsewhere(self, trainer: pl.Trainer) -> bool:
+        """Whether ``total_norm`` would repeat OptimizerMonitor's ``grad_norm/total``: the monitor logs grad
+        norms and this is the first clipper (it sees the gradients unclipped), over every parameter
+        (no ``exclude``), with the monitor's 2-norm. Then the monitor owns the key."""
+        monitored = any(getattr(cb, "logs_grad_norm_total", False) for cb in trainer.callbacks)
+        first = next((cb for cb in trainer.callbacks if isinstance(cb, GradientClipping)), None)
+        return monitored and first is self and not self.exclude and self.norm_type == 2.0
+
     def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, total: torch.Tensor,
                 coef: torch.Tensor | None, threshold: torch.Tensor | None, step: int | None = None) -> None:
         prefix = self._key_prefix + metric_scope(trainer, optimizer)
-        values = {f"{prefix}total_norm": total}
+        values = {}
+        if self._log_total_norm:
+            values[f"{prefix}total_norm"] = total
+        else:  # the monitor logs it as grad_norm/total; EarlyStopping and friends still find it here
+            publish_step_metrics(trainer, {f"{prefix}total_norm": total})
         if coef is not None:
             values[f"{prefix}clip_coef"] = coef
         if threshold is not None:
@@ -354,8 +412,9 @@ class GradientClipping(LeanCallback):
         self._steps.end_training(trainer, lambda item, step: self._record(trainer, *item, step=step))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
-        flush_step_metrics(trainer)
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row) and give the
+        loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)
 
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
@@ -385,10 +444,19 @@ class GradientClipping(LeanCallback):
 
     def _agc(self, params: list[torch.Tensor]) -> None:
         factor, eps = self.options["clip_factor"], self.options["eps"]
+        # Sharded (FSDP2, Shard(0), checked at train start): a weight's output units are whole rows, so
+        # their norms are local to the shard; a 1-D tensor is one unit split across ranks, its norms
+        # are reduced (one collective for all of them).
+        whole = [p for p in params if p.ndim <= 1 and shard_dims(p)]
+        norms = tensor_norms([*whole, *(p.grad for p in whole)], self.norm_type)
+        reduced = dict(zip(map(id, whole), zip(norms[:len(whole)], norms[len(whole):])))
         for p in params:
-            g = p.grad
-            limit = _unit_norms(p, self.norm_type).clamp_min(eps) * factor
-            gnorm = _unit_norms(g, self.norm_type)
+            g = local_tensors([p.grad])[0]
+            if id(p) in reduced:
+                pnorm, gnorm = reduced[id(p)]
+            else:
+                pnorm, gnorm = _unit_norms(local_tensors([p])[0], self.norm_type), _unit_norms(g, self.norm_type)
+            limit = pnorm.clamp_min(eps) * factor
             scale = torch.clamp(limit / gnorm.clamp_min(_EPS), max=1.0)
             g.mul_(scale.to(g.dtype))
 
@@ -397,7 +465,8 @@ class GradientClipping(LeanCallback):
         if state is None:
             state = self._new_state()
             self._states[idx] = state
-        fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device)
+        fallback = torch.full((), math.inf if self.max_norm is None else self.max_norm, device=device,
+                              dtype=total.dtype)
         if isinstance(state, RunningNormStats):
             upper = state.upper(self.options["z_thresh"], device)
             threshold = torch.where(state.ready(device), upper, fallback)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +14,7 @@ from lightning_optkit.callbacks._step_context import (
     LeanCallback,
     active_scaler,
     arm_fused_skip,
+    check_sharded_layout,
     disarm_fused_skip,
     ensure_unscaled,
     is_fused_amp_optimizer,
@@ -24,13 +27,15 @@ from lightning_optkit.callbacks._step_context import (
     run_after_gradient_readers,
     step_grad_norms,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, flush_step_metrics, record_step_metrics
+from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
 from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
+
+log = logging.getLogger(__name__)
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -46,6 +51,9 @@ class _OptimizerTrack:
         self.stats = RunningNormStats(alpha=spike_alpha, warmup=spike_warmup)
         self.host_run: int | None = None  # host mirror of `consecutive` on the host-sync path
         self.unchecked = 0  # optimizer steps since `consecutive` was last read on the host
+        self.seen = 0  # skipped steps known on the host (as of the last read)
+        self.reported = 0  # skipped steps a console line has reported
+        self.read_step = 0  # trainer.global_step at the last read
 
     def to(self, device: torch.device) -> None:
         if self.skipped.device != device:
@@ -108,11 +116,21 @@ class NonFiniteGuard(LeanCallback):
 
     ``last_skip`` holds the latest flag as a 0-d device bool tensor.
 
+    Skips are told on the console (the ``lightning_optkit.callbacks.guard`` logger, WARNING, rank 0): one
+    line when the guard first learns of a skip (at once on the host-sync path; at its next host read on
+    the sync-free ones), then at most one line per :attr:`WARN_EVERY_S` seconds, each with the step
+    and the count; on a logging step that skipped, the line names the tensors whose gradients were
+    non-finite (one extra transfer, on that step only). Skips no line reported are summed up in one
+    line at the end of training.
+
     With :class:`GradientClipping` registered too, both use the gradient norms computed once per
     step before either modifies a gradient (whatever the order of the callbacks and clipping's
     ``exclude``), and the skip wins over the clip (a non-finite norm gives a NaN clip coefficient,
     never a finite one).
     """
+
+    #: at most one console line about skipped steps per this many seconds (plus a summary at the end)
+    WARN_EVERY_S = 60.0
 
     def __init__(self, skip_on_spike: float | None = None, max_consecutive_skips: int = 20, *,
                  spike_warmup: int = 25, spike_alpha: float = 0.97, norm_type: float = 2.0) -> None:
@@ -140,6 +158,8 @@ class NonFiniteGuard(LeanCallback):
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
         self._steps = BatchSteps()  # items: (optimizer, optimizer index)
+        self._last_warning: float | None = None  # time.monotonic() of the last console line
+        self._names: dict[int, str] | None = None  # id(param) -> name, built for the first named line
 
     @property
     def state_key(self) -> str:
@@ -161,14 +181,20 @@ class NonFiniteGuard(LeanCallback):
         the counters of a new fit at zero (resuming from a checkpoint restores them after setup)."""
         if stage == "fit":
             refuse_sharded_strategy(trainer, "NonFiniteGuard", "remove NonFiniteGuard, or train with "
-                                    "strategy='ddp' (there every rank sees the reduced gradients and decides "
-                                    "alike)")
+                                    "strategy='ddp'")
             self._tracks = {}
             self.last_skip = None
             self._steps.reset()
+            self._last_warning = None
+            self._names = None
+            join_rows(trainer)  # one row per step with Lightning's own
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
             run_after_gradient_readers(trainer, self)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""
+        check_sharded_layout(pl_module, "NonFiniteGuard")
 
     def _track(self, idx: int) -> _OptimizerTrack:
         if idx not in self._tracks:
@@ -213,6 +239,7 @@ class NonFiniteGuard(LeanCallback):
                 track.host_run = int(track.consecutive)  # first step or after a checkpoint load
             else:
                 track.host_run = track.host_run + 1 if skip_host else 0
+            track.seen += int(skip_host)
             if skip_host:
                 for group in raw.param_groups:
                     for p in group["params"]:
@@ -223,9 +250,13 @@ class NonFiniteGuard(LeanCallback):
         if synced:
             track.unchecked = 0
             self._check_consecutive(trainer, idx, track.host_run)
+            self._tell(trainer, pl_module, idx, track, current=skip_host, logging=logging, params=params, norms=norms)
         elif logging or track.unchecked >= self.max_consecutive_skips:
             track.unchecked = 0
-            self._check_consecutive(trainer, idx, int(track.consecutive))  # the amortised host sync
+            run, seen = torch.stack([track.consecutive, track.skipped]).tolist()  # the amortised host sync
+            self._check_consecutive(trainer, idx, int(run))
+            track.seen = int(seen)
+            self._tell(trainer, pl_module, idx, track, current=run > 0, logging=logging, params=params, norms=norms)
         self._steps.stepped(idx, (optimizer, idx))
         if logging:
             self._record(trainer, optimizer, track)
@@ -256,8 +287,58 @@ class NonFiniteGuard(LeanCallback):
         """Read every optimizer's consecutive-skip counter (one host sync each) and raise if too long."""
         for idx, track in self._tracks.items():
             track.unchecked = 0
-            run = track.host_run if track.host_run is not None else int(track.consecutive)
+            if track.host_run is not None:
+                run = track.host_run
+            else:
+                run, seen = (int(v) for v in torch.stack([track.consecutive, track.skipped]).tolist())
+                track.seen = seen
             self._check_consecutive(trainer, idx, run)
+            self._tell(trainer, None, idx, track, current=False, logging=False)
+
+    # ------------------------------------------------------------------ console lines
+    def _tell(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None, idx: int, track: _OptimizerTrack,
+              *, current: bool, logging: bool, params: list | None = None, norms: list | None = None,
+              final: bool = False) -> None:
+        """One WARNING line about skips not told yet, at most one per WARN_EVERY_S seconds (``final``: always)."""
+        new, step = track.seen - track.reported, trainer.global_step
+        since, track.read_step = track.read_step, step
+        if new <= 0 or trainer.global_rank != 0:
+            return
+        now = time.monotonic()
+        if not final and self._last_warning is not None and now - self._last_warning < self.WARN_EVERY_S:
+            return
+        labels = optimizer_labels(trainer)
+        of = f" of optimizer {labels[idx]!r}" if len(labels) > 1 and idx < len(labels) else ""
+        total = f"{track.seen} in this fit"
+        if final:
+            text = (f"NonFiniteGuard: {track.seen} optimizer steps{of} skipped in this fit, {new} of them since "
+                    "the last message")
+        elif current and new == 1:
+            why = self._why(pl_module, params, norms, logging)
+            text = f"NonFiniteGuard: skipped optimizer step {step}{of} ({why}; {total})"
+        else:
+            latest = f"the latest at step {step}" if current else f"between steps {since} and {step}"
+            text = (f"NonFiniteGuard: skipped {new} optimizer steps{of}, {latest} "
+                    f"({self._why(pl_module, params, norms, logging and current)}; {total})")
+        if not final:
+            text += f"; at most one such line per {self.WARN_EVERY_S:g} s"
+        log.warning(text)
+        track.reported = track.seen
+        self._last_warning = now
+
+    def _why(self, pl_module: pl.LightningModule | None, params: list | None, norms: list | None,
+             named: bool) -> str:
+        """Which gradients were non-finite (one transfer; only for a skipped logging step), else the rule."""
+        if not named or pl_module is None or not params:
+            return "non-finite or spiking gradients; logging steps name the tensors"
+        finite = torch.stack([n.reshape(()).float() for n in norms]).isfinite().tolist()
+        if self._names is None:
+            self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        bad = [self._names.get(id(p), "?") for p, ok in zip(params, finite) if not ok]
+        if not bad:
+            return "the gradient norm spiked (skip_on_spike)"
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return f"non-finite gradients in {shown}"
 
     def _disarm(self) -> None:
         for raw, flag in self._armed:
@@ -282,10 +363,13 @@ class NonFiniteGuard(LeanCallback):
         self._disarm()
         self._steps.end_training(trainer, lambda item, step: self._record_stepped(trainer, item, step))
         self._check_all(trainer)
+        for idx, track in self._tracks.items():  # what the rate limit held back, in one line
+            self._tell(trainer, None, idx, track, current=False, logging=False, final=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row)."""
-        flush_step_metrics(trainer)
+        """Write a stop row recorded in ``on_train_end`` (after every callback's, so it is one row) and give the
+        loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -304,4 +388,5 @@ class NonFiniteGuard(LeanCallback):
             track = self._track(int(i))
             track.skipped = s["skipped"].float().clone()
             track.consecutive = s["consecutive"].float().clone()
+            track.seen = track.reported = int(track.skipped)  # told in the run that saved them
             track.stats.load_state_dict(s["stats"])

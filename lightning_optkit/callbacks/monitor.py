@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_optkit.callbacks._step_context import (
     LeanCallback,
+    check_sharded_layout,
     ensure_unscaled,
     is_logging_step,
     logger_step,
@@ -22,8 +24,15 @@ from lightning_optkit.callbacks._step_context import (
     run_before,
     step_grad_norms,
 )
+from lightning_optkit.callbacks._step_metrics import (
+    join_rows,
+    record_host_metrics,
+    seal_step_metrics,
+    stop_joining_rows,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.sharding import any_sharded
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
@@ -43,6 +52,35 @@ def _layer_name(param_name: str, depth: int) -> str:
     """``encoder.layers.0.weight`` -> ``encoder.layers`` (depth 2); a root-level parameter keeps its name."""
     module_path = param_name.split(".")[:-1]
     return ".".join(module_path[:depth]) if module_path else param_name
+
+
+def _auto_layer_name(param_name: str, block_patterns: Sequence[re.Pattern]) -> str:
+    """The layer a user has: the block a spec's ``layer_decay`` depth regex finds (the name up to its index:
+    ``blocks.3``), else the first numbered module (``encoder.layers.3`` of ``encoder.layers.3.linear1.weight``),
+    else the module path cut to two components; a root-level parameter keeps its name."""
+    for pattern in block_patterns:
+        match = pattern.search(param_name)
+        if match:
+            return param_name[:match.end(1)]
+    module_path = param_name.split(".")[:-1]
+    for i, part in enumerate(module_path):
+        if part.isdigit():
+            return ".".join(module_path[:i + 1])
+    return _layer_name(param_name, 2)
+
+
+def _layer_decay_patterns(pl_module: Any) -> list[re.Pattern]:
+    """The ``layer_decay`` depth regexes of the module's kit spec (OptimizerMixin), if any."""
+    get_spec = getattr(pl_module, "_optkit_spec", None)
+    if get_spec is None:
+        return []
+    try:
+        spec = get_spec()
+    except SpecError:  # a mixin module without a spec
+        return []
+    specs = spec if isinstance(spec, list) else [spec]
+    specs = [member for s in specs for member in (getattr(s, "specs", None) or [s])]
+    return [re.compile(s.layer_decay["depth"][3:]) for s in specs if getattr(s, "layer_decay", None)]
 
 
 def _norm2(values: Iterable[float]) -> float:
@@ -144,10 +182,14 @@ class OptimizerMonitor(LeanCallback):
     Args:
         every_n_steps: log every N optimizer steps (batches that stepped); None: the Trainer's
             ``log_every_n_steps``.
-        per_layer: also log norms per layer: parameters aggregated by module path, cut to
-            ``layer_depth`` dotted components (``encoder.layers.0.weight`` -> ``encoder.layers`` at
-            depth 2; a parameter held by the root module is its own layer).
-        layer_depth: see ``per_layer``.
+        per_layer: also log norms per layer (see ``layer_depth``; a parameter held by the root module is
+            its own layer).
+        layer_depth: ``None`` (default): the layers the model has: the blocks of the spec's
+            ``layer_decay`` depth regex when the module has a kit spec with one (``blocks.3``), else the
+            first numbered module of the name (``encoder.layers.3`` for an ``nn.TransformerEncoder``,
+            ``backbone.0`` in an ``nn.Sequential``), else the module path cut to two components. An
+            integer: the module path cut to that many components (``encoder.layers.0.weight`` ->
+            ``encoder.layers`` at 2).
         norms: which norms to log, a subset of ``("grad", "param", "update")``.
         momentum: also log momentum (``momentum``, or ``betas[0]`` for Adam-like optimizers).
         histograms: also log a ``wandb.Histogram`` of the per-layer gradient norms (needs a
@@ -167,7 +209,8 @@ class OptimizerMonitor(LeanCallback):
     ``weight_decay/<s>``                 weight decay (if the group has one)
     ``grad_norm/<o>total``               total gradient norm, before clipping (unscaled, accumulated)
     ``grad_norm/<o>total_clipped``       total gradient norm after clipping (GradientClipping only)
-    ``grad_norm/<o>clip_coef``           the clip coefficient applied (GradientClipping only)
+    ``grad_norm/<o>clip_coef``           the overall clip coefficient, with several clipping callbacks
+                                         (with one GradientClipping: its ``grad_clip/<o>clip_coef``)
     ``param_norm/<o>total``              parameter norm before the step
     ``update_norm/<o>total``             norm of the change the step made to the parameters
     ``update_ratio/<o>total``            ``update_norm / param_norm``
@@ -195,20 +238,26 @@ class OptimizerMonitor(LeanCallback):
     #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
     reads_gradients = True
 
+    @property
+    def logs_grad_norm_total(self) -> bool:
+        """Read by GradientClipping: the monitor owns the pre-clip total norm (``grad_norm/total``)."""
+        return "grad" in self.norms
+
     def __init__(
         self,
         every_n_steps: int | None = None,
         *,
         per_layer: bool = True,
-        layer_depth: int = 2,
+        layer_depth: int | None = None,
         norms: Sequence[str] | str = NORM_NAMES,
         momentum: bool = True,
         histograms: bool = False,
     ) -> None:
         every_n_steps = number("every_n_steps", every_n_steps, integer=True, at_least=1, allow_none=True,
                                strings=False, fix="pass an integer >= 1, or None to follow Trainer(log_every_n_steps)")
-        layer_depth = number("layer_depth", layer_depth, integer=True, at_least=1, strings=False,
-                             fix="pass an integer >= 1 (1 groups by top-level module)")
+        layer_depth = number("layer_depth", layer_depth, integer=True, at_least=1, strings=False, allow_none=True,
+                             fix="pass an integer >= 1 (1 groups by top-level module), or None to follow the "
+                             "model's numbered blocks")
         for flag_name, value in (("per_layer", per_layer), ("momentum", momentum), ("histograms", histograms)):
             flag(flag_name, value)
         self.norms = _validated_norms(norms)
@@ -229,16 +278,18 @@ class OptimizerMonitor(LeanCallback):
         self._pending: dict[int, _PendingStep] = {}
         self._pending_step = -1  # logger step of the batch the pending records belong to
         self._clips: list[Callback] = []
+        self._log_clip_coef = True  # resolved at setup
         self._awaiting_clip: _PendingStep | None = None
         self._wandb_loggers: list[Any] = []
+        self._block_patterns: list[re.Pattern] = []  # layer_decay depth regexes (layer_depth=None)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve the logging period, check the loggers and find a clipping callback."""
         if stage != "fit":
             return
-        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor (its norms would be "
-                                "per-shard), or train with strategy='ddp'")
+        refuse_sharded_strategy(trainer, "OptimizerMonitor", "remove OptimizerMonitor, or train with "
+                                "strategy='ddp'")
         if not trainer.loggers:
             raise SpecError("Trainer(logger)", False,
                             "give the Trainer a logger (e.g. WandbLogger) or remove OptimizerMonitor",
@@ -257,15 +308,27 @@ class OptimizerMonitor(LeanCallback):
                            "which turns logging off: the monitor will log nothing. "
                            "Pass every_n_steps to log anyway.")
         self._active = trainer.global_rank == 0 and self._every >= 1
+        join_rows(trainer)  # one row per step with Lightning's own and the other kit callbacks'
         self._clips = _find_clipping_callbacks(trainer)
         if self._clips:
             run_before(trainer, self, self._clips[0])
+        # one clipper that logs its coefficient (GradientClipping's grad_clip/clip_coef): not repeated here
+        self._log_clip_coef = not (len(self._clips) == 1 and getattr(self._clips[0], "logs_clip_coef", False))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Name every optimizer, group and parameter (host-side, once)."""
+        """Name every optimizer, group and parameter (host-side, once); refuse sharded layouts without exact
+        norms.
+
+        Sharded (FSDP2) norms are collectives, so every rank computes them on logging steps (rank 0 alone
+        logs); under DDP only rank 0 does.
+        """
+        check_sharded_layout(pl_module, "OptimizerMonitor")
+        if any_sharded(pl_module.parameters()):
+            self._active = self._every >= 1
         self._pending.clear()
         self._awaiting_clip = None
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._block_patterns = _layer_decay_patterns(pl_module) if self.layer_depth is None else []
         self._plans = {}
         names = optimizer_labels(trainer)
         several = len(trainer.optimizers) > 1
@@ -285,13 +348,15 @@ class OptimizerMonitor(LeanCallback):
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        layer_of = {
-            id(p): _layer_name(self._names[id(p)], self.layer_depth) if id(p) in self._names
-            else "unregistered"
-            for p in params
-        }
+        layer_of = {id(p): self._layer(self._names[id(p)]) if id(p) in self._names else "unregistered"
+                    for p in params}
         signature = tuple(len(g["params"]) for g in optimizer.param_groups)
         return _Plan(optimizer, scope, [f"{scope}{k}" for k in group_keys], params, layer_of, signature)
+
+    def _layer(self, param_name: str) -> str:
+        if self.layer_depth is None:
+            return _auto_layer_name(param_name, self._block_patterns)
+        return _layer_name(param_name, self.layer_depth)
 
     def _plan_for(self, optimizer: Any) -> _Plan:
         plan = self._plans.get(id(optimizer))
@@ -420,7 +485,8 @@ class OptimizerMonitor(LeanCallback):
                 metrics[f"grad_norm/{scope}total"] = total
                 if coef:
                     metrics[f"grad_norm/{scope}total_clipped"] = total * coef[0]
-                    metrics[f"grad_norm/{scope}clip_coef"] = coef[0]
+                    if self._log_clip_coef:
+                        metrics[f"grad_norm/{scope}clip_coef"] = coef[0]
                 for layer, v in zip(p.grad_layers, grads, strict=True):
                     layer_grad.setdefault(layer, []).append(v)
             if params:
@@ -449,12 +515,18 @@ class OptimizerMonitor(LeanCallback):
         return metrics, histogram_values
 
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
-        step = logger_step(trainer)
-        extra: dict[str, Any] = {}
+        """Add the values to the step's row (written with Lightning's own row and the other kit callbacks')."""
+        if trainer.global_rank != 0:
+            return  # the other ranks computed the sharded norms' collectives with rank 0
+        only_for: dict[Any, dict[str, Any]] = {}
         if self.histograms and histogram_values:
             import wandb
 
-            extra["grad_norm/layer_histogram"] = wandb.Histogram(histogram_values)
-        for logger in trainer.loggers:
-            row = {**metrics, **extra} if (extra and logger in self._wandb_loggers) else metrics
-            logger.log_metrics(row, step=step)
+            histogram = wandb.Histogram(histogram_values)
+            only_for = {lg: {"grad_norm/layer_histogram": histogram} for lg in self._wandb_loggers}
+        record_host_metrics(trainer, metrics, step=logger_step(trainer), only_for=only_for)
+        seal_step_metrics(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write a row Lightning did not join and give the loggers back their own ``log_metrics``."""
+        stop_joining_rows(trainer)

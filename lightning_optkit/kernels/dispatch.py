@@ -56,7 +56,8 @@ def requested_backend(backend: str) -> str:
     if env not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={env!r} is not a kernel backend; use one of {', '.join(BACKENDS)}")
     if env == "triton" and not triton_importable():
-        raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; install it or unset {BACKEND_ENV}")
+        raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; install it (pip install "
+                         f"'lightning_optkit[triton]') or unset {BACKEND_ENV}")
     return env
 
 

@@ -170,9 +170,12 @@ def lion_step(
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor | None:
-    """Sum of squares of all ``grads`` (fp32), one launch per (device, dtype) group; None if empty.
+    """Sum of squares of all ``grads`` as a 0-d float64 tensor, one launch per (device, dtype) group; None if
+    empty.
 
-    The result lives on the first gradient's device. ``sqrt`` of it is the global 2-norm.
+    float64 gradients are summed in float64; float32/bf16/fp16 ones with float32 arithmetic per tensor (the
+    Triton kernel: per chunk, scaled by the chunk's largest magnitude, so it cannot overflow), combined in
+    float64. The result lives on the first gradient's device. Inf/NaN entries propagate (as inf or NaN).
     """
     if not grads:
         return None
@@ -190,6 +193,18 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], backend: str = "auto") ->
         part = part.to(device0, non_blocking=True)
         total = part if total is None else total + part
     return total
+
+
+def grad_norm(grads: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor | None:
+    """The global 2-norm of ``grads`` (:func:`grad_sum_of_squares`, square-rooted): float64 when any
+    gradient is float64, else float32 (finite whenever the norm is, also when the squares overflow
+    float32, except on the torch backend for one tensor whose own squared norm does; see
+    :func:`lightning_optkit.kernels.torch_fused.torch_sum_of_squares`). None if empty."""
+    total = grad_sum_of_squares(grads, backend)
+    if total is None:
+        return None
+    norm = total.sqrt()
+    return norm if any(g.dtype == torch.float64 for g in grads) else norm.float()
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -14,8 +14,9 @@ loss is returned; gradients are gathered (sparse gradients raise), the pending
 :class:`~lightning_optkit.optim.modifiers.StepModifiers` are applied (below), and the rule runs either once
 per (device, dtype) bucket (``foreach=True``, the default) or once per parameter (``foreach=False``,
 the rule sees one-element lists). ``zero_grad``, ``state_dict`` and ``load_state_dict`` are torch's,
-so checkpoints have torch's format. Step counters are 0-d float32 tensors on the parameter's device,
-so a skipped step never needs a host sync.
+so checkpoints have torch's format. Step counters and other scalar state are 0-d tensors on the
+parameter's device (so a skipped step never needs a host sync), float32, or float64 for float64
+parameters: a float64 run computes its bias corrections, warmup and lr scalars in float64 throughout.
 
 Step modifiers on the foreach / per-parameter path, exactly: a deferred grad scale multiplies ``p.grad``
 in place (one extra read+write of the gradients, no extra allocation; ``p.grad`` holds the scaled
@@ -45,7 +46,9 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
+from lightning_optkit.norms import tensor_norms
 from lightning_optkit.optim.modifiers import StepModifiers
+from lightning_optkit.sharding import any_sharded, local_tensors
 
 Validator = Callable[[str, Any], None]
 
@@ -140,14 +143,16 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         return (("step",) if self.counts_steps else ()) + self.scalar_state_names
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``; afterwards step counters are float32 on the parameter's device."""
+        """torch's ``load_state_dict``; afterwards step counters are on the parameter's device, in
+        :func:`scalar_dtype` of the parameter."""
         super().load_state_dict(state_dict)
         counters = self._counter_names()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 for name in counters if state else ():
-                    state[name] = state[name].to(device=p.device, dtype=torch.float32)
+                    if name in state:
+                        state[name] = state[name].to(device=p.device, dtype=scalar_dtype(p))
 
     def _gather(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[Tensor]]:
         params: list[Tensor] = []
@@ -165,7 +170,7 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
             if not state:
                 state.update(self._init_state(p, group))
                 if self.counts_steps:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["step"] = torch.zeros((), dtype=scalar_dtype(p), device=p.device)
             params.append(p)
             grads.append(grad)
         return params, grads
@@ -213,6 +218,12 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     ) -> None:
         lists = self._state_lists(params)
         steps = lists.pop("step", [])
+        self._bucket_params = params
+        if any_sharded(params):
+            # FSDP2: the rule runs on each rank's shards (state is sharded like its parameter);
+            # whole_tensor_norms gives a rule that needs them the norms of the whole tensors
+            params, grads = list(local_tensors(params)), list(local_tensors(grads))
+            lists = {name: list(local_tensors(ts)) for name, ts in lists.items()}
         if skip is not None:
             # Snapshot everything the rule writes (one foreach clone), update, then select old or new on
             # device: no host sync, and the old values come back bit for bit (NaN and -0.0 included).
@@ -230,6 +241,23 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         self._update(group, params, grads, lists, steps)
         if skip is not None:
             restore_if(skip.to(params[0].device), touched, saved)
+
+    def whole_tensor_norms(self, tensors: list[Tensor]) -> list[Tensor]:
+        """2-norms of per-parameter tensors of the bucket :meth:`_update` is updating, in order.
+
+        ``tensors`` is one or more per-parameter lists of the bucket, concatenated (the parameters,
+        their gradients, an update computed from them): ``tensors[i]`` belongs to parameter
+        ``i % len(bucket)``. Unsharded: ``torch._foreach_norm``. Under FSDP2, where ``_update`` sees
+        local shards, the norms of the whole tensors (one all-reduce, the same on every rank): what a
+        rule such as LAMB's trust ratio needs.
+        """
+        bucket = list(getattr(self, "_bucket_params", ()))  # set by _run_rule for the bucket being updated
+        if not any_sharded(bucket):
+            return list(torch._foreach_norm(tensors))
+        if len(tensors) % len(bucket):
+            raise ValueError(f"whole_tensor_norms got {len(tensors)} tensors for a bucket of {len(bucket)} "
+                             "parameters; pass whole per-parameter lists")
+        return tensor_norms(tensors, 2.0, shards_of=bucket * (len(tensors) // len(bucket)))
 
     def _update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -251,7 +279,16 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         kernel = _load_fused_kernel(self.fused_kernel or "")
         if kernel is None:
             raise NotImplementedError(f"lightning_optkit.kernels.{self.fused_kernel} is not available")
+        if any_sharded(params):  # FSDP2: element-wise kernels on each rank's shards
+            params, grads = list(local_tensors(params)), list(local_tensors(grads))
+            state_lists = {name: list(local_tensors(ts)) for name, ts in state_lists.items()}
         kernel(group, params, grads, state_lists, scale, skip)
+
+
+def scalar_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of a parameter's scalar state (step counters, running sums): float64 for float64
+    parameters, float32 otherwise (exact step counts up to 2**24, ample for bias corrections)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -286,7 +323,8 @@ def restore_if(flag: Tensor, tensors: list[Tensor], saved: list[Tensor], *, per_
 def bias_correction(steps: list[Tensor], coefficient: float) -> Tensor:
     """``1 - coefficient ** step`` for each counter, stacked, computed as ``-expm1(step * log c)``.
 
-    The expm1 form keeps full float32 relative precision where ``1 - c**t`` is tiny (c = 0.999).
+    The expm1 form keeps full relative precision where ``1 - c**t`` is tiny (c = 0.999); the result
+    has the counters' dtype (float64 for float64 parameters).
     """
     log_c = math.log(coefficient) if coefficient > 0 else -math.inf
     return torch.special.expm1(torch.stack(steps) * log_c).neg_()

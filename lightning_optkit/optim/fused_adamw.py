@@ -34,9 +34,11 @@ from lightning_optkit.kernels.dispatch import (
     select_backend,
     triton_runs_on,
 )
-from lightning_optkit.kernels.functional import adamw_step, clip_coefficient, grad_sum_of_squares
+from lightning_optkit.kernels.functional import adamw_step, clip_coefficient, grad_norm
+from lightning_optkit.norms import combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.registry import register_optimizer
+from lightning_optkit.sharding import any_sharded, local_tensors
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -280,15 +282,22 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         deferred_scale, deferred_skip = self.pop_step_modifiers()
         amp_scale: Tensor | None = getattr(self, "grad_scale", None)  # set by GradScaler.step
         amp_found_inf: Tensor | None = getattr(self, "found_inf", None)
-        mult = None if deferred_scale is None else deferred_scale.to(device, torch.float32)
+        # A float64 run's norm, coefficient and multiplier stay float64 (the kernels take what they need).
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        mult = None if deferred_scale is None else deferred_scale.to(device, dtype)
         if amp_scale is not None:
-            inv = torch.reciprocal(amp_scale.to(device, torch.float64)).float().reshape(())
+            inv = torch.reciprocal(amp_scale.to(device, torch.float64)).to(dtype).reshape(())
             mult = inv if mult is None else mult * inv
         flags = [f.to(device).reshape(()) != 0 for f in (deferred_skip, amp_found_inf) if f is not None]
         self.last_grad_norm = None
         if self.max_grad_norm is not None or not flags:
-            # Either we clip, or nobody has checked the gradients for inf/nan yet.
-            norm = grad_sum_of_squares(grads, requested_backend(self.backend)).to(device).sqrt()
+            # Either we clip, or nobody has checked the gradients for inf/nan yet. The norm is taken in the
+            # gradients' precision and cannot overflow float32 (see grad_norm), so a finite gradient is
+            # never taken for a non-finite one.
+            if any_sharded(grads):  # FSDP2: the whole gradients' norm, one all-reduce, the same on every rank
+                norm = combine_norms(tensor_norms(grads, 2.0), 2.0, device)
+            else:
+                norm = grad_norm(grads, requested_backend(self.backend)).to(device)
             if mult is not None:
                 norm = norm * mult
             self.last_grad_norm = norm
@@ -321,10 +330,12 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         for group, params, grads in batches:
             states = [self.state[p] for p in params]
             beta1, beta2 = group["betas"]
+            # under FSDP2 the update is element-wise on each rank's shards (state is sharded like p)
             adamw_step(
-                params, grads,
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                list(local_tensors(params)), list(local_tensors(grads)),
+                list(local_tensors([s["exp_avg"] for s in states])),
+                list(local_tensors([s["exp_avg_sq"] for s in states])),
+                list(local_tensors([s["max_exp_avg_sq"] for s in states])) if group["amsgrad"] else [],
                 [s["step"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=mult, skip=skip,

@@ -65,8 +65,8 @@ class LAMB(KitOptimizer):
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
 
-        param_norm = torch.stack(torch._foreach_norm(params))
-        update_norm = torch.stack(torch._foreach_norm(update))
+        norms = self.whole_tensor_norms([*params, *update])  # whole tensors under FSDP2: one collective
+        param_norm, update_norm = torch.stack(norms[:len(params)]), torch.stack(norms[len(params):])
         usable = (param_norm > 0) & (update_norm > 0)
         ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
         ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from lightning_optkit.kernels.torch_fused import lion_lists
 from lightning_optkit.optim.base import KitOptimizer, betas, non_negative
 from lightning_optkit.registry import register_optimizer
 
@@ -17,8 +17,11 @@ class Lion(KitOptimizer):
     """Lion, following the google/automl reference (``lion_pytorch.py``) step for step.
 
     Per step: ``p <- p * (1 - lr*wd)``; ``c = b1*m + (1-b1)*g``; ``p <- p - lr*sign(c)``;
-    ``m <- b2*m + (1-b2)*g``. Defaults as the reference: lr=1e-4, betas=(0.9, 0.99), wd=0 (the
-    paper suggests a 3-10x smaller lr and 3-10x larger wd than AdamW). State: ``exp_avg``.
+    ``m <- b2*m + (1-b2)*g`` (see :func:`lightning_optkit.kernels.torch_fused.lion_lists`: the same
+    foreach operations on both paths, so ``fused=True`` on the torch backend, the one on CPU, agrees
+    with the foreach path bit for bit; the Triton kernel on CUDA rounds in its own order). Defaults as
+    the reference: lr=1e-4, betas=(0.9, 0.99), wd=0 (the paper suggests a 3-10x smaller lr and 3-10x
+    larger wd than AdamW). State: ``exp_avg``.
     ``fused=True`` uses ``lightning_optkit.kernels.lion_fused_step``, which applies a deferred grad
     scale and skip flag inside the update: the fast path for runs with NonFiniteGuard or
     GradientClipping (the foreach path snapshots and selects every parameter and moment on a guarded
@@ -47,15 +50,7 @@ class Lion(KitOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
         state: dict[str, list[Tensor]], steps: list[Tensor],
     ) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        exp_avgs = state["exp_avg"]
-        if wd != 0:
-            # p * (1 - lr*wd), written as p - (lr*wd)*p: rounding then only touches the small term.
-            torch._foreach_add_(params, params, alpha=-lr * wd)
-        direction = torch._foreach_mul(exp_avgs, beta1)
-        torch._foreach_add_(direction, grads, alpha=1.0 - beta1)
-        torch._foreach_sign_(direction)
-        torch._foreach_add_(params, direction, alpha=-lr)
-        torch._foreach_mul_(exp_avgs, beta2)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
+        # The same foreach operations as fused=True on the torch backend, so both paths agree bit for bit.
+        lion_lists(params, grads, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                   weight_decay=group["weight_decay"])

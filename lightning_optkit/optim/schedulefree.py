@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit import validation
-from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative
+from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative, scalar_dtype
 from lightning_optkit.registry import register_optimizer
 
 
@@ -75,8 +75,8 @@ class ScheduleFreeAdamW(KitOptimizer):
         return {
             "z": p.detach().clone(memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "weight_sum": torch.zeros((), dtype=torch.float32, device=p.device),
-            "lr_max": torch.full((), -1.0, dtype=torch.float32, device=p.device),
+            "weight_sum": torch.zeros((), dtype=scalar_dtype(p), device=p.device),
+            "lr_max": torch.full((), -1.0, dtype=scalar_dtype(p), device=p.device),
         }
 
     @property

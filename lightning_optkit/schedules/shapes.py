@@ -249,13 +249,22 @@ def cosine(step: int, decay_steps: int) -> float:
 
 @register_schedule("cosine_restarts", durations=("period",), validate=_check_restarts)
 def cosine_restarts(step: int, decay_steps: int, *, period: int | None = None, period_mult: int = 1) -> float:
-    """Cosine cycles of ``period`` steps (default: one cycle), each ``period_mult`` times longer."""
+    """Cosine cycles of ``period`` steps (default: one cycle), each ``period_mult`` times longer.
+
+    At ``decay_steps`` (and after it, where the kit holds that value) a cycle ending exactly there is
+    not restarted: the schedule ends at the bottom of its last cycle, not back at the full lr.
+    """
     length = max(1, period or decay_steps)
+    end = decay_steps is not None and step >= decay_steps
+    if end:
+        step = decay_steps
     if period_mult == 1:
         position = step % length
+        if end and position == 0 and step > 0:
+            position = length
     else:
         position = step
-        while position >= length:
+        while position > length or (position == length and not end):
             position -= length
             length *= int(period_mult)
     return 0.5 * (1.0 + math.cos(math.pi * position / length))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_optkit.errors import SpecError
-from lightning_optkit.params import OptimizerPlan, plan
+from lightning_optkit.params import OptimizerPlan, Plan, plan
 from lightning_optkit.probe import (
     SCHEDULER_PROBE_STEPS,
     check_curve,
@@ -22,7 +22,8 @@ from lightning_optkit.probe import (
 from lightning_optkit.registry import optimizer_keywords
 from lightning_optkit.schedules.scheduler import KitLRScheduler
 from lightning_optkit.sharding import any_sharded, check_placements
-from lightning_optkit.spec import ChainSpec, OptimizerSpec, TorchScheduleSpec, spec_from_data
+from lightning_optkit.spec import TorchScheduleSpec
+from lightning_optkit.spec_set import normalise_spec
 
 
 def _constructor_args(op: OptimizerPlan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -212,6 +213,19 @@ def _refuse_lightning_clip_of_fused(optimizers: list[torch.optim.Optimizer], mod
                         "own clipping for optimizers that unscale gradients inside their step")
 
 
+def _probe_all(the_plan: Plan, sparse_ids: frozenset[int]) -> list[Any]:
+    """Dry-run each optimizer of the plan (:mod:`lightning_optkit.probe`); a chain member's error names it."""
+    probes = []
+    for i, op in enumerate(the_plan.optimizers):
+        try:
+            probes.append(_probe(op, sparse_ids))
+        except SpecError as err:
+            if the_plan.specs.kind != "chain":
+                raise
+            raise SpecError(f"chain[{i}].{err.field}", err.value, err.fix, problem=err.problem) from None
+    return probes
+
+
 def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     """Build the optimizers (and schedulers) that ``spec`` describes for ``module``.
 
@@ -221,34 +235,28 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     ``trainer`` (the module's, inside ``configure_optimizers``) resolves schedule durations such as
     ``"10%"`` or ``"2ep"``.
     """
-    spec = spec_from_data(spec)
-    the_plan = plan(module, spec)
+    specs = normalise_spec(spec)
+    the_plan = plan(module, specs)
     _refuse_per_shard_rules(the_plan.optimizers, trainer)
-    sparse_ids = sparse_grad_ids(module)
-    probes = []
-    for i, op in enumerate(the_plan.optimizers):
-        try:
-            probes.append(_probe(op, sparse_ids))
-        except SpecError as err:
-            if not isinstance(spec, ChainSpec):
-                raise
-            raise SpecError(f"chain[{i}].{err.field}", err.value, err.fix, problem=err.problem) from None
-    if isinstance(spec, ChainSpec):
+    probes = _probe_all(the_plan, sparse_grad_ids(module))
+    if specs.chain is not None:
         from lightning_optkit.optim.chained import ChainedOptimizer
 
+        chain = specs.chain
         optimizer: torch.optim.Optimizer = ChainedOptimizer([_instantiate(op) for op in the_plan.optimizers])
-        optimizer.optkit_name = spec.label
+        optimizer.optkit_name = chain.label
         _refuse_lightning_clip_of_fused([optimizer], module, trainer)
         chained = None if None in probes else (lambda: ChainedOptimizer([make() for make in probes]))
-        _probe_torch_schedule(spec.schedule, chained, trainer)
-        config = _schedule(spec.schedule, optimizer, trainer, spec.name)
-        _check_kit_curve(spec.schedule, config)
-    elif isinstance(spec, OptimizerSpec):
+        _probe_torch_schedule(chain.schedule, chained, trainer)
+        config = _schedule(chain.schedule, optimizer, trainer, chain.name)
+        _check_kit_curve(chain.schedule, config)
+    elif specs.kind == "single":
+        only = specs.members[0]
         optimizer = _instantiate(the_plan.optimizers[0])
         _refuse_lightning_clip_of_fused([optimizer], module, trainer)
-        _probe_torch_schedule(spec.schedule, probes[0], trainer)
-        config = _schedule(spec.schedule, optimizer, trainer, spec.name)
-        _check_kit_curve(spec.schedule, config)
+        _probe_torch_schedule(only.schedule, probes[0], trainer)
+        config = _schedule(only.schedule, optimizer, trainer, only.name)
+        _check_kit_curve(only.schedule, config)
     else:
         total = _per_optimizer_total(trainer, len(the_plan.optimizers))
         result = []

@@ -10,7 +10,7 @@ from lightning_optkit.build import build_optimizers
 from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import optimizer_labels
-from lightning_optkit.spec import ChainSpec, spec_from_data
+from lightning_optkit.spec_set import SpecSet, normalise_spec
 
 
 class OptimizerMixin:
@@ -25,7 +25,7 @@ class OptimizerMixin:
     optim_spec: Any = None
 
     # --- the spec --------------------------------------------------------------------------------
-    def _optkit_spec(self) -> Any:
+    def _optkit_spec(self) -> SpecSet:
         source = self.optim_spec
         if source is None:
             hparams = getattr(self, "hparams", None)
@@ -36,14 +36,14 @@ class OptimizerMixin:
         cached = self.__dict__.get("_optkit_cached")
         if cached is not None and cached[0] is source:
             return cached[1]
-        spec = spec_from_data(source)
-        self.__dict__["_optkit_cached"] = (source, spec)
-        return spec
+        specs = normalise_spec(source)
+        self.__dict__["_optkit_cached"] = (source, specs)
+        return specs
 
     def _optkit_several(self) -> bool:
         if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
             return False
-        return isinstance(self._optkit_spec(), list)
+        return self._optkit_spec().manual
 
     # Lightning checks automatic_optimization before configure_optimizers runs (and rejects
     # accumulate_grad_batches / gradient_clip_val for manual optimization there), so a spec with
@@ -93,13 +93,12 @@ class OptimizerMixin:
         from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
         from lightning_optkit.schedules import Schedule
 
-        spec = self._optkit_spec()
-        specs = spec.specs if isinstance(spec, ChainSpec) else spec if isinstance(spec, list) else [spec]
-        schedules = [spec.schedule] if isinstance(spec, ChainSpec) else [s.schedule for s in specs]
+        specs = self._optkit_spec()
+        schedules = specs.schedules
         wanted: list[type] = []
-        if any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs):
+        if any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs.members):
             wanted.append(ScheduleFreeMode)
-        if isinstance(spec, list):
+        if specs.manual:
             wanted.append(ManualStepCheck)
         if any(isinstance(s, Schedule) for s in schedules):
             wanted.append(RestoreLoaderPosition)
@@ -133,8 +132,8 @@ class OptimizerMixin:
             if not 0 <= optimizer < count:
                 raise SpecError("optimizer", optimizer, f"use an index in 0..{count - 1}", problem="is out of range")
             return optimizer
-        spec = self._optkit_spec()
-        labels = optimizer_labels(spec if isinstance(spec, list) else [spec])
+        specs = self._optkit_spec()
+        labels = optimizer_labels(list(specs.per_optimizer))
         if optimizer not in labels:
             raise SpecError("optimizer", optimizer, f"use one of {labels} (set name= on each OptimizerSpec)",
                             problem="is not an optimizer name")

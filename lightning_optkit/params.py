@@ -12,14 +12,15 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from lightning_optkit.errors import SpecError
-from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type, spec_from_data
+from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type
+from lightning_optkit.spec_set import SpecSet, normalise_spec
 
 DEFAULT_GROUP = "default"
 
@@ -88,17 +89,30 @@ class OptimizerPlan:
     groups: list[TorchGroup]
 
 
-class Plan(list):
-    """The rows of a plan (one per parameter); ``str`` and ``repr`` are the table, ``.optimizers`` holds the groups.
+@dataclass(frozen=True)
+class Plan(Sequence[PlanRow]):
+    """Where every parameter goes: ``rows`` (one per parameter, in model order) and ``optimizers`` (the
+    param groups each optimizer is built with), for the normalised ``specs``.
 
-    ``repr`` is the table too, so ``plan(model, spec)`` typed at a Python prompt or as a notebook cell's
-    last line shows it, as ``print(plan(model, spec))`` does; the rows are the list's items.
+    A sequence of its rows. ``str`` and ``repr`` are the table, so ``plan(model, spec)`` typed at a
+    Python prompt or as a notebook cell's last line shows it, as ``print(plan(model, spec))`` does.
     """
 
-    optimizers: list[OptimizerPlan]
+    rows: tuple[PlanRow, ...]
+    optimizers: tuple[OptimizerPlan, ...]
+    specs: SpecSet
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.rows[index]
+
+    def __iter__(self) -> Iterator[PlanRow]:
+        return iter(self.rows)
 
     def __str__(self) -> str:
-        return format_table(self)
+        return format_table(self.rows)
 
     __repr__ = __str__
 
@@ -370,7 +384,7 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
     return OptimizerPlan(spec, label, list(groups.values()))
 
 
-def optimizer_labels(specs: list[OptimizerSpec]) -> list[str]:
+def optimizer_labels(specs: Sequence[OptimizerSpec | ChainSpec]) -> list[str]:
     """Display names of the optimizers, made unique (a name= wins; repeated class names get -1, -2)."""
     base = [s.label for s in specs]
     out = []
@@ -389,34 +403,26 @@ def plan(module: nn.Module, spec: Any) -> Plan:
 
     With ``frozen="include"`` on the spec(s), frozen parameters are assigned too, by the same rules.
 
-    ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, or their dict/YAML data.
+    ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, their dict/YAML data, or a SpecSet.
     """
-    spec = spec_from_data(spec)
+    specs = normalise_spec(spec)
     owner_of = owners(module)
-    if isinstance(spec, ChainSpec):
-        specs, field = spec.specs, "chain"
-    elif isinstance(spec, list):
-        specs, field = spec, "optimizers"
-    else:
-        specs, field = [spec], "spec"
-    labels = optimizer_labels(specs)
-    assigned = _assign_to_specs(module, specs, field, owner_of)
+    labels = optimizer_labels(list(specs.members))
+    assigned = _assign_to_specs(module, list(specs.members), specs.field, owner_of)
     order = {n: i for i, (n, _) in enumerate(module.named_parameters())}
-    result = Plan()
-    result.optimizers = []
-    for i, (s, label, params) in enumerate(zip(specs, labels, assigned)):
+    optimizers, rows = [], []
+    for i, (s, label, params) in enumerate(zip(specs.members, labels, assigned)):
         try:
             op = _plan_one(module, s, params, owner_of, label)
         except SpecError as err:
-            if field != "chain":
+            if specs.kind != "chain":
                 raise
             raise SpecError(f"chain[{i}].{err.field}", err.value, err.fix, problem=err.problem) from None  # the member
-        result.optimizers.append(op)
-        for g in op.groups:
-            for n, p in zip(g.names, g.params):
-                result.append(PlanRow(n, label, g.name, g.lr, g.weight_decay, tuple(p.shape), p.numel()))
-    result.sort(key=lambda row: order[row.param])  # rows in model order
-    return result
+        optimizers.append(op)
+        rows += [PlanRow(n, label, g.name, g.lr, g.weight_decay, tuple(p.shape), p.numel())
+                 for g in op.groups for n, p in zip(g.names, g.params)]
+    rows.sort(key=lambda row: order[row.param])  # rows in model order
+    return Plan(tuple(rows), tuple(optimizers), specs)
 
 
 def format_table(rows: Sequence[PlanRow]) -> str:

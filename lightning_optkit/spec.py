@@ -616,7 +616,7 @@ def load_yaml(path_or_text: str | Path) -> Any:
 AnySpec = OptimizerSpec | ChainSpec | list
 
 
-def spec_from_data(data: Any) -> Any:
+def spec_from_data(data: Any) -> AnySpec:
     """Normalise anything the mixin accepts into OptimizerSpec, ChainSpec or a list of those."""
     if isinstance(data, (OptimizerSpec, ChainSpec)):
         return data

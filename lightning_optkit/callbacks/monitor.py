@@ -75,12 +75,10 @@ def _layer_decay_patterns(pl_module: Any) -> list[re.Pattern]:
     if get_spec is None:
         return []
     try:
-        spec = get_spec()
+        specs = get_spec()
     except SpecError:  # a mixin module without a spec
         return []
-    specs = spec if isinstance(spec, list) else [spec]
-    specs = [member for s in specs for member in (getattr(s, "specs", None) or [s])]
-    return [re.compile(s.layer_decay["depth"][3:]) for s in specs if getattr(s, "layer_decay", None)]
+    return [re.compile(s.layer_decay["depth"][3:]) for s in specs.members if s.layer_decay]
 
 
 def _norm2(values: Iterable[float]) -> float:

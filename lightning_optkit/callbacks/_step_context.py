@@ -9,7 +9,6 @@ by the callbacks lives in this module, each with a comment saying why there is n
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_optkit.callbacks.stages import declared_norm_types
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.sharding import check_placements, local_tensors
@@ -39,8 +39,6 @@ __all__ = [
     "optimizer_index",
     "optimizer_labels",
     "refuse_sharded_strategy",
-    "run_after_gradient_readers",
-    "run_before",
     "step_grad_norms",
     "take_deferred_scale",
 ]
@@ -76,41 +74,6 @@ class LeanCallback(Callback):
             if getattr(cls, name) is getattr(Callback, name):
                 setattr(self, name, None)
         return self
-
-
-# ------------------------------------------------------------------ callback order
-# The Trainer's list is replaced, not edited, so a hook loop Lightning is running over the old list
-# (these are called from ``setup``) still visits every callback once; Lightning itself replaces the
-# list when it adds a module's ``configure_callbacks``. A callback not in the list (set up by hand or
-# by a wrapping callback) is left where it is.
-def _index(callbacks: list[Callback], callback: Callback) -> int | None:
-    return next((i for i, cb in enumerate(callbacks) if cb is callback), None)
-
-
-def _move(trainer: pl.Trainer, callback: Callback, to: Callable[[list[Callback]], int]) -> None:
-    """Replace ``trainer.callbacks`` by the list with ``callback`` taken out and put at ``to(rest)``."""
-    rest = [cb for cb in trainer.callbacks if cb is not callback]
-    rest.insert(to(rest), callback)
-    trainer.callbacks = rest
-
-
-def run_before(trainer: pl.Trainer, callback: Callback, other: Callback) -> None:
-    """Move ``callback`` just ahead of ``other`` if it is behind it."""
-    here, there = _index(trainer.callbacks, callback), _index(trainer.callbacks, other)
-    if here is not None and there is not None and here > there:
-        _move(trainer, callback, lambda rest: _index(rest, other))  # type: ignore[arg-type,return-value]
-
-
-def run_after_gradient_readers(trainer: pl.Trainer, callback: Callback) -> None:
-    """Move ``callback`` just behind the last other callback that reads gradients at the optimizer step.
-
-    Gradient readers declare ``reads_gradients = True`` (GradientClipping, OptimizerMonitor).
-    """
-    order = trainer.callbacks
-    here = _index(order, callback)
-    readers = [cb for cb in order if cb is not callback and getattr(cb, "reads_gradients", False)]
-    if here is not None and readers and _index(order, readers[-1]) > here:  # type: ignore[operator]
-        _move(trainer, callback, lambda rest: _index(rest, readers[-1]) + 1)  # type: ignore[operator]
 
 
 # ------------------------------------------------------------------ strategies
@@ -256,16 +219,12 @@ def _versions(grads: list[torch.Tensor]) -> list[int]:
     return [g._version for g in local_tensors(grads)]
 
 
-def _declared_norm_types(trainer: pl.Trainer) -> list[float]:
-    return [float(t) for cb in trainer.callbacks for t in getattr(cb, "grad_norm_types", ())]
-
-
 def _step_entry(trainer: pl.Trainer, raw: torch.optim.Optimizer, grads: list[torch.Tensor],
                 norm_type: float) -> _StepNorms:
     key = (id(raw), trainer.global_step, len(grads))
     entry = _STEP_NORMS[0]
     if entry is None or entry.key != key or not all(ref() is g for ref, g in zip(entry.refs, grads)):
-        norms = {t: tensor_norms(grads, t) for t in {norm_type, *_declared_norm_types(trainer)}}
+        norms = {t: tensor_norms(grads, t) for t in {norm_type, *declared_norm_types(trainer)}}
         entry = _STEP_NORMS[0] = _StepNorms(key, [weakref.ref(g) for g in grads], norms, versions=_versions(grads))
     elif entry.versions != _versions(grads):  # changed in place without note_grads_modified: measure again
         entry.pre = {t: tensor_norms(grads, t) for t in entry.pre}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -31,6 +31,7 @@ from lightning_optkit.callbacks._step_metrics import (
     record_step_metrics,
     stop_joining_rows,
 )
+from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -162,8 +163,8 @@ class GradientClipping(LeanCallback):
     The adaptive state (zscore/quantile) is saved in and restored from checkpoints.
     """
 
-    #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
-    reads_gradients = True
+    #: Changes the gradients: runs after the monitor observes them and before the guard decides.
+    gradient_role: ClassVar[GradientRole] = "modify"
     #: Read by OptimizerMonitor: with this one clipper, ``grad_clip/clip_coef`` is the coefficient, so the
     #: monitor does not log its own copy.
     logs_clip_coef = True
@@ -265,6 +266,7 @@ class GradientClipping(LeanCallback):
             self._key_prefix = self._own_key_prefix(trainer)
             self._log_total_norm = not self._total_norm_logged_elsewhere(trainer)
             join_rows(trainer)  # one row per step with Lightning's own
+            order_gradient_stages(trainer)  # after the monitor observes, before the guard decides
             # a new fit starts fresh; resuming from a checkpoint restores the state after setup
             self._states = {}
             self.last_total_norm = self.last_clip_coef = self.last_threshold = None

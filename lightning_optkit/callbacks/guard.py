@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -24,10 +24,10 @@ from lightning_optkit.callbacks._step_context import (
     optimizer_index,
     optimizer_labels,
     refuse_sharded_strategy,
-    run_after_gradient_readers,
     step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
+from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
@@ -161,6 +161,9 @@ class NonFiniteGuard(LeanCallback):
         self._last_warning: float | None = None  # time.monotonic() of the last console line
         self._names: dict[int, str] | None = None  # id(param) -> name, built for the first named line
 
+    #: Decides whether the step runs: after every stage that observes or modifies the gradients.
+    gradient_role: ClassVar[GradientRole] = "decide"
+
     @property
     def state_key(self) -> str:
         """Checkpoint key, distinct per configuration so several instances can coexist."""
@@ -190,7 +193,7 @@ class NonFiniteGuard(LeanCallback):
             join_rows(trainer)  # one row per step with Lightning's own
             # after clipping and monitoring: the plain-torch skip sets the gradients to None, and they
             # must still see (and log) the broken step's gradients
-            run_after_gradient_readers(trainer, self)
+            order_gradient_stages(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,6 @@ from lightning_optkit.callbacks._step_context import (
     logger_step,
     optimizer_labels,
     refuse_sharded_strategy,
-    run_before,
     step_grad_norms,
 )
 from lightning_optkit.callbacks._step_metrics import (
@@ -30,6 +29,7 @@ from lightning_optkit.callbacks._step_metrics import (
     seal_step_metrics,
     stop_joining_rows,
 )
+from lightning_optkit.callbacks.stages import GradientRole, clip_reports, order_gradient_stages
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.sharding import any_sharded
@@ -38,14 +38,6 @@ from lightning_optkit.validation import flag, number
 __all__ = ["OptimizerMonitor"]
 
 NORM_NAMES = ("grad", "param", "update")
-
-
-def _find_clipping_callbacks(trainer: pl.Trainer) -> list[Callback]:
-    """The callbacks exposing ``last_total_norm`` and ``last_clip_coef`` (e.g. GradientClipping), in order.
-
-    Detected by attribute names, so this module does not import the clipping callback.
-    """
-    return [cb for cb in trainer.callbacks if hasattr(cb, "last_total_norm") and hasattr(cb, "last_clip_coef")]
 
 
 def _layer_name(param_name: str, depth: int) -> str:
@@ -219,10 +211,9 @@ class OptimizerMonitor(LeanCallback):
     ``grad_norm/layer_histogram``        ``wandb.Histogram`` of per-layer grad norms (``histograms``)
     ===================================  ===========================================================
 
-    Gradient norms are pre-clip whatever the callback order: at setup the monitor moves itself just
-    ahead of the first gradient-clipping callback (one exposing ``last_total_norm`` and
-    ``last_clip_coef``, e.g. GradientClipping) in ``trainer.callbacks``, which then reuses the norms
-    computed here.
+    Gradient norms are pre-clip whatever the callback order: the monitor observes the gradients, so it
+    runs ahead of the stages that modify them (:mod:`lightning_optkit.callbacks.stages`), which then
+    reuse the norms computed here.
     If an optimizer steps several times in one batch (manual optimization, e.g. an n-critic loop):
     ``grad_norm``, ``lr``/``momentum``/``weight_decay`` and the clip keys are those of its last step
     in the batch; ``param_norm`` is from before its first step and ``update_norm`` is the total change
@@ -233,8 +224,13 @@ class OptimizerMonitor(LeanCallback):
     steps only).
     """
 
-    #: Read by NonFiniteGuard, which runs after every callback that reads the step's gradients.
-    reads_gradients = True
+    #: Reads the step's gradients, changes nothing: runs ahead of clipping and the guard.
+    gradient_role: ClassVar[GradientRole] = "observe"
+
+    @property
+    def grad_norm_types(self) -> tuple[float, ...]:
+        """None declared: the monitor reads the 2-norms on logging steps only, computed then."""
+        return ()
 
     @property
     def logs_grad_norm_total(self) -> bool:
@@ -307,9 +303,8 @@ class OptimizerMonitor(LeanCallback):
                            "Pass every_n_steps to log anyway.")
         self._active = trainer.global_rank == 0 and self._every >= 1
         join_rows(trainer)  # one row per step with Lightning's own and the other kit callbacks'
-        self._clips = _find_clipping_callbacks(trainer)
-        if self._clips:
-            run_before(trainer, self, self._clips[0])
+        order_gradient_stages(trainer)  # ahead of clipping: the norms logged are backward's
+        self._clips = clip_reports(trainer)
         # one clipper that logs its coefficient (GradientClipping's grad_clip/clip_coef): not repeated here
         self._log_clip_coef = not (len(self._clips) == 1 and getattr(self._clips[0], "logs_clip_coef", False))
 

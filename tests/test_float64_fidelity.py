@@ -1,5 +1,5 @@
 """Float64 runs are float64 end to end: every kit optimizer and every clipping path against a float64
-reference to 1e-15 relative (not float32 tolerances), and the FusedAdamW norm at the edges of the ranges."""
+reference to 1e-14 relative (not float32 tolerances), and the FusedAdamW norm at the edges of the ranges."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.optim import LAMB, Adan, FusedAdamW, Lion, MomentumSGD, ScheduleFreeAdamW
 
-REL = 1e-15  # max |p - ref| <= REL * max |ref| per tensor: float64 roundoff only
+# max |p - ref| <= REL * max |ref| per tensor: float64 roundoff only. Over 12 steps it reaches 1.6e-15 on
+# some inputs (measured over 60 seeds per case: Lion 1.15e-15, ScheduleFreeAdamW up to 1.6e-15), so 1e-15
+# failed now and then; one float32 operation anywhere in a step would give errors of 1e-8 or more.
+REL = 1e-14
 STEPS = 12
 
 

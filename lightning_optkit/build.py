@@ -19,7 +19,7 @@ from lightning_optkit.probe import (
     probe_scheduler,
     sparse_grad_ids,
 )
-from lightning_optkit.registry import optimizer_keywords
+from lightning_optkit.registry import optimizer_info, optimizer_keywords
 from lightning_optkit.schedules.scheduler import KitLRScheduler
 from lightning_optkit.sharding import any_sharded, check_placements
 from lightning_optkit.spec import TorchScheduleSpec
@@ -137,41 +137,40 @@ def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:
 def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> None:
     """Refuse optimizers whose rule reads whole tensors where the kit cannot see whole tensors.
 
-    Under FSDP1 (``FSDPStrategy``) or DeepSpeed each rank's optimizer holds flat shards: FusedAdamW's
-    global-norm clip and whole-step skip, and LAMB's per-tensor trust ratio, would be per shard (and
-    the skip could differ between ranks), silently. Under FSDP2 (``ModelParallelStrategy``, DTensor
-    parameters) both reduce whole-tensor norms across ranks, for the layouts
-    :func:`lightning_optkit.sharding.check_placements` accepts; ``torch.optim.Muon`` orthogonalises
-    each gradient as one whole matrix, which a rank's shard is not, so it is refused there.
+    By the capabilities of their registry records (:class:`~lightning_optkit.registry.OptimizerInfo`).
+    Under FSDP1 (``FSDPStrategy``) or DeepSpeed each rank's optimizer holds flat shards: a rule with
+    ``whole_tensor_norms`` (FusedAdamW's global-norm clip and whole-step skip, LAMB's per-tensor trust
+    ratio) would be per shard, and the skip could differ between ranks, silently. Under FSDP2
+    (``ModelParallelStrategy``, DTensor parameters) those norms are reduced across ranks, for the
+    layouts :func:`lightning_optkit.sharding.check_placements` accepts; a ``whole_matrix`` rule
+    (``torch.optim.Muon`` orthogonalises each gradient as one matrix) is refused there, as a rank's
+    shard is not the matrix.
     """
-    from lightning_optkit.optim.fused_adamw import FusedAdamW
-    from lightning_optkit.optim.lamb import LAMB
-
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if strategy is not None:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
             for op in optimizers:
-                if issubclass(op.spec.optimizer_cls, (FusedAdamW, LAMB)):
+                if optimizer_info(op.spec.optimizer_cls).whole_tensor_norms:
                     raise SpecError("optimizer", op.spec.optimizer_cls.__name__,
                                     "shard with FSDP2 instead (Trainer(strategy=ModelParallelStrategy(...)) and "
                                     "fully_shard in configure_model), where it is exact; or use an element-wise "
                                     "optimizer (adamw, lion, adan, momentum_sgd); or train with strategy='ddp'",
                                     problem=f"computes norms across whole tensors, but {type(strategy).__name__} "
                                     "gives each rank only flat shards of them")
-    muon = getattr(torch.optim, "Muon", None)
     for op in optimizers:
         named = [(name, p) for group in op.groups for name, p in zip(group.names, group.params, strict=True)]
         if not any_sharded(p for _, p in named):
             continue
         cls = op.spec.optimizer_cls
-        if muon is not None and issubclass(cls, muon):
+        info = optimizer_info(cls)
+        if info.whole_matrix:
             raise SpecError("optimizer", cls.__name__, "give the 2-D hidden weights to adamw (or lion, adan) "
                             "under FSDP2, or train the Muon hybrid with strategy='ddp'",
                             problem="orthogonalises each gradient as a whole matrix, but under FSDP2 a rank "
                             f"holds only a shard of it (parameter {named[0][0]!r} is a DTensor)")
-        if issubclass(cls, (FusedAdamW, LAMB)):
+        if info.whole_tensor_norms:
             check_placements(named, f"optimizer {cls.__name__}")
 
 

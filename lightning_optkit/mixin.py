@@ -10,6 +10,7 @@ from lightning_optkit.build import build_optimizers
 from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import optimizer_labels
+from lightning_optkit.registry import optimizer_info
 from lightning_optkit.spec_set import SpecSet, normalise_spec
 
 
@@ -90,19 +91,18 @@ class OptimizerMixin:
         from lightning_optkit.callbacks.plateau_check import PlateauMonitorCheck
         from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
         from lightning_optkit.distributed.resume import RestoreLoaderPosition
-        from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
         from lightning_optkit.schedules import Schedule
 
         specs = self._optkit_spec()
         schedules = specs.schedules
         wanted: list[type] = []
-        if any(issubclass(s.optimizer_cls, ScheduleFreeAdamW) for s in specs.members):
+        if any(optimizer_info(s.optimizer_cls).train_eval_modes for s in specs.members):
             wanted.append(ScheduleFreeMode)
         if specs.manual:
             wanted.append(ManualStepCheck)
         if any(isinstance(s, Schedule) for s in schedules):
             wanted.append(RestoreLoaderPosition)
-        if any(isinstance(s, Schedule) and s.name == "plateau" for s in schedules):
+        if any(isinstance(s, Schedule) and s.kind.follows_metric for s in schedules):
             wanted.append(PlateauMonitorCheck)
         if type(self).configure_optimizers is not OptimizerMixin.configure_optimizers:
             wanted.append(SpecInUseCheck)

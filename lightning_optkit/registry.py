@@ -1,10 +1,12 @@
-"""Optimizer registry: names to classes, lazy third-party entries, and keyword checks."""
+"""Optimizer registry: one frozen record per name (what it builds, what the kit must know), keyword checks."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import torch
@@ -14,20 +16,83 @@ from lightning_optkit.errors import SpecError, closest
 OptimizerClass = type[torch.optim.Optimizer]
 T = TypeVar("T", bound=type)
 
-_REGISTRY: dict[str, OptimizerClass] = {}
 
-# Names resolved on first use, so that importing the kit stays cheap and optional packages stay
-# optional: the entry only resolves when its package is installed.
-_LAZY: dict[str, str] = {
-    "momentum_sgd": "lightning_optkit.optim.momentum_sgd:MomentumSGD",
-    "lion": "lightning_optkit.optim.lion:Lion",
-    "lamb": "lightning_optkit.optim.lamb:LAMB",
-    "adan": "lightning_optkit.optim.adan:Adan",
-    "schedulefree_adamw": "lightning_optkit.optim.schedulefree:ScheduleFreeAdamW",
-    "fused_adamw": "lightning_optkit.optim.fused_adamw:FusedAdamW",
-    "bnb_adamw8bit": "bitsandbytes.optim:AdamW8bit",
-    "bnb_adam8bit": "bitsandbytes.optim:Adam8bit",
-}
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One registry name: the optimizer it builds and the capabilities the kit checks before training.
+
+    ``target`` is the class, or ``"module:Class"`` imported on first use (so importing the kit stays
+    cheap and optional packages stay optional). The capabilities, read by build and the mixin:
+
+    - ``whole_tensor_norms``: the update reads norms of whole tensors or of all gradients (FusedAdamW's
+      ``max_grad_norm`` clip and skip, LAMB's trust ratio). Refused where each rank holds flat shards
+      (FSDP1, DeepSpeed); under FSDP2 the norms are reduced across ranks, for the placements
+      :func:`lightning_optkit.sharding.check_placements` accepts.
+    - ``whole_matrix``: the update treats each gradient as one matrix (Muon's orthogonalisation): a
+      rank's FSDP2 shard is not one, so it is refused there.
+    - ``train_eval_modes``: it trains at other weights than it evaluates at (schedule-free AdamW), so
+      the mixin adds ScheduleFreeMode.
+    """
+
+    name: str
+    target: OptimizerClass | str
+    description: str = ""
+    whole_tensor_norms: bool = False
+    whole_matrix: bool = False
+    train_eval_modes: bool = False
+
+    @cached_property
+    def cls(self) -> OptimizerClass:
+        """The optimizer class (imported now if ``target`` is a path; ImportError if its package is missing)."""
+        return self.target if inspect.isclass(self.target) else _load_path(self.target)  # type: ignore[return-value]
+
+    @property
+    def available(self) -> bool:
+        """Whether the class can be imported (its package is installed)."""
+        if inspect.isclass(self.target):
+            return True
+        return importlib.util.find_spec(self.target.partition(":")[0].split(".")[0]) is not None
+
+    def describes(self, cls: type) -> bool:
+        """Whether ``cls`` is this record's class (by identity, or by import path before it is loaded)."""
+        if inspect.isclass(self.target):
+            return cls is self.target
+        return self.target == f"{cls.__module__}:{cls.__qualname__}"
+
+
+_OPTIMIZERS: dict[str, OptimizerInfo] = {}
+
+
+def _add(info: OptimizerInfo) -> None:
+    _OPTIMIZERS[info.name] = info
+
+
+def _first_line(cls: type) -> str:
+    return (inspect.getdoc(cls) or "").strip().partition("\n")[0]
+
+
+# torch's own optimizers, by lower-cased class name; Muon orthogonalises each gradient as a whole matrix.
+for _attr in dir(torch.optim):
+    _obj = getattr(torch.optim, _attr)
+    if inspect.isclass(_obj) and issubclass(_obj, torch.optim.Optimizer) and _obj is not torch.optim.Optimizer:
+        _add(OptimizerInfo(_attr.lower(), _obj, _first_line(_obj), whole_matrix=_attr == "Muon"))
+
+for _info in (
+    OptimizerInfo("momentum_sgd", "lightning_optkit.optim.momentum_sgd:MomentumSGD",
+                  "SGD with momentum, foreach and fused updates"),
+    OptimizerInfo("lion", "lightning_optkit.optim.lion:Lion", "Lion (sign of interpolated momentum)"),
+    OptimizerInfo("lamb", "lightning_optkit.optim.lamb:LAMB", "LAMB (Adam with a per-tensor trust ratio)",
+                  whole_tensor_norms=True),
+    OptimizerInfo("adan", "lightning_optkit.optim.adan:Adan", "Adan (Nesterov-style adaptive momentum)"),
+    OptimizerInfo("schedulefree_adamw", "lightning_optkit.optim.schedulefree:ScheduleFreeAdamW",
+                  "schedule-free AdamW (no lr schedule needed)", train_eval_modes=True),
+    OptimizerInfo("fused_adamw", "lightning_optkit.optim.fused_adamw:FusedAdamW",
+                  "AdamW in one fused pass, with clipping and skipping inside the step", whole_tensor_norms=True),
+    OptimizerInfo("bnb_adamw8bit", "bitsandbytes.optim:AdamW8bit", "bitsandbytes 8-bit AdamW"),
+    OptimizerInfo("bnb_adam8bit", "bitsandbytes.optim:Adam8bit", "bitsandbytes 8-bit Adam"),
+):
+    _add(_info)
+
 
 # Keywords people carry over from another optimizer, with where they actually live.
 _KEYWORD_HINTS: dict[str, str] = {
@@ -42,33 +107,32 @@ _KEYWORD_HINTS: dict[str, str] = {
 }
 
 
-def _torch_optimizers() -> dict[str, OptimizerClass]:
-    found: dict[str, OptimizerClass] = {}
-    for attr in dir(torch.optim):
-        obj = getattr(torch.optim, attr)
-        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
-            found[attr.lower()] = obj
-    return found
+def register_optimizer(name: str, *, overwrite: bool = False, description: str | None = None,
+                       whole_tensor_norms: bool = False, whole_matrix: bool = False,
+                       train_eval_modes: bool = False) -> Callable[[T], T]:
+    """Class decorator: make an optimizer selectable by ``name`` (case-insensitive) in a spec.
 
-
-_REGISTRY.update(_torch_optimizers())
-
-
-def register_optimizer(name: str, *, overwrite: bool = False) -> Callable[[T], T]:
-    """Class decorator: make an optimizer selectable by ``name`` (case-insensitive) in a spec."""
+    The keywords are its :class:`OptimizerInfo` capabilities. The kit's own classes are listed by import
+    path in the registry and keep the capabilities recorded there when their module registers them.
+    """
     key = name.lower()
 
     def decorate(cls: T) -> T:
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
             raise TypeError(f"register_optimizer({name!r}) expects a torch.optim.Optimizer subclass, got {cls!r}")
-        existing = _REGISTRY.get(key)
-        if existing is not None and existing is not cls and not overwrite:
+        existing = _OPTIMIZERS.get(key)
+        if existing is not None and existing.describes(cls):
+            if not inspect.isclass(existing.target):  # the module of a path entry registering its class
+                _add(OptimizerInfo(key, cls, existing.description, existing.whole_tensor_norms,
+                                   existing.whole_matrix, existing.train_eval_modes))
+            return cls
+        if existing is not None and not overwrite:
             raise ValueError(
-                f"optimizer name {name!r} is already registered to {existing.__qualname__}; "
+                f"optimizer name {name!r} is already registered to {existing.target}; "
                 "pass overwrite=True to replace it"
             )
-        _REGISTRY[key] = cls
-        _LAZY.pop(key, None)
+        _add(OptimizerInfo(key, cls, _first_line(cls) if description is None else description,
+                           whole_tensor_norms, whole_matrix, train_eval_modes))
         return cls
 
     return decorate
@@ -83,16 +147,22 @@ def _load_path(path: str) -> Any:
     return getattr(module, attr)
 
 
-def _lazy_available(key: str) -> bool:
-    module_name = _LAZY[key].partition(":")[0]
-    return importlib.util.find_spec(module_name.split(".")[0]) is not None
-
-
 def list_optimizers(include_unavailable: bool = False) -> list[str]:
-    """Registered optimizer names, sorted. Lazy entries whose package is missing are left out."""
-    names = set(_REGISTRY)
-    names.update(k for k in _LAZY if include_unavailable or _lazy_available(k))
-    return sorted(names)
+    """Registered optimizer names, sorted. Entries whose package is missing are left out."""
+    return sorted(name for name, info in _OPTIMIZERS.items() if include_unavailable or info.available)
+
+
+def optimizer_info(optimizer: str | type) -> OptimizerInfo:
+    """The record of a registry name, or of an optimizer class: the nearest registered class in its MRO
+    (a subclass of LAMB has LAMB's capabilities); a class the registry does not know gets none."""
+    if isinstance(optimizer, str):
+        info = _OPTIMIZERS.get(optimizer.lower())
+        return info if info is not None else optimizer_info(resolve_optimizer(optimizer))
+    for base in inspect.getmro(optimizer):
+        for info in _OPTIMIZERS.values():
+            if info.describes(base):
+                return info
+    return OptimizerInfo(optimizer.__name__.lower(), optimizer, _first_line(optimizer))
 
 
 def resolve_optimizer(optimizer: str | type, field: str = "optimizer") -> OptimizerClass:
@@ -105,17 +175,13 @@ def resolve_optimizer(optimizer: str | type, field: str = "optimizer") -> Optimi
     if not isinstance(optimizer, str) or not optimizer:
         raise SpecError(field, optimizer, f"use one of {list_optimizers()[:8]}..., a dotted class path or a class",
                         problem="is not an optimizer name, path or class")
-    key = optimizer.lower()
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    if key in _LAZY:
+    info = _OPTIMIZERS.get(optimizer.lower())
+    if info is not None:
         try:
-            cls = _load_path(_LAZY[key])
+            return info.cls
         except ImportError as err:
             raise SpecError(field, optimizer, f"install the package that provides it ({err.name})",
                             problem="needs a package that is not installed") from err
-        _REGISTRY[key] = cls
-        return cls
     if "." in optimizer or ":" in optimizer:
         try:
             cls = _load_path(optimizer)

@@ -248,7 +248,7 @@ class Schedule:
             warmup,
             total,
             self.warmup_start_factor,
-            self.min_lr_ratio if self.name != "plateau" else 0.0,
+            0.0 if self.kind.follows_metric else self.min_lr_ratio,  # plateau: the floor is the factor's
             tick,
         )
 
@@ -285,7 +285,7 @@ class Schedule:
     ) -> KitLRScheduler:
         """The KitLRScheduler on ``optimizer`` (reads the plateau monitor from ``trainer`` if given)."""
         curve = self.curve(total_steps, steps_per_epoch)
-        if self.name != "plateau":
+        if not self.kind.follows_metric:
             return KitLRScheduler(optimizer, curve)
         kw = {k: v for k, v in self.kwargs.items() if k not in ("monitor", "strict")}
         plateau = Plateau(**kw, floor=self.min_lr_ratio)
@@ -319,7 +319,7 @@ class Schedule:
             optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, trainer=trainer
         )
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": name}
-        if self.name == "plateau":
+        if self.kind.follows_metric:
             config.update(
                 monitor=self.kwargs["monitor"],
                 reduce_on_plateau=False,

@@ -42,6 +42,9 @@ class ScheduleKind:
     needs_total: bool
     own_warmup: bool
     validate: Callable[[dict[str, Any]], None] | None = None
+    #: The lr follows a monitored metric (plateau): its curve is flat, the metric's history scales it, and
+    #: Lightning's config carries ``monitor``.
+    follows_metric: bool = False
 
     def bind(self, kwargs: dict[str, Any], warmup_steps: int) -> Callable[[int, int | None], float]:
         """The shape with its keywords applied: a pickleable ``f(step, decay_steps) -> float``."""
@@ -102,6 +105,7 @@ def register_schedule(
     validate: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
     _own_warmup: bool = False,
+    _follows_metric: bool = False,
 ) -> Callable[[F], F]:
     """Decorator: make a shape function or class selectable as ``Schedule(name, ...)``.
 
@@ -124,7 +128,8 @@ def register_schedule(
         unknown = [d for d in durations if d not in params]
         if unknown:
             raise TypeError(f"register_schedule({name!r}): durations {unknown} are not keywords of the shape")
-        _SCHEDULES[key] = ScheduleKind(key, obj, params, tuple(durations), needs_total, _own_warmup, validate)
+        _SCHEDULES[key] = ScheduleKind(key, obj, params, tuple(durations), needs_total, _own_warmup, validate,
+                                       _follows_metric)
         return obj
 
     return decorate
@@ -380,7 +385,7 @@ def onecycle(
     raise AssertionError("unreachable")
 
 
-@register_schedule("plateau", needs_total=False, validate=_check_plateau)
+@register_schedule("plateau", needs_total=False, validate=_check_plateau, _follows_metric=True)
 def plateau(
     step: int,
     decay_steps: int | None,
@@ -394,5 +399,8 @@ def plateau(
     cooldown: int = 0,
     strict: bool = True,
 ) -> float:
-    """ReduceLROnPlateau on ``monitor``; see :mod:`lightning_optkit.schedules.plateau`."""
+    """ReduceLROnPlateau on ``monitor``; see :mod:`lightning_optkit.schedules.plateau`.
+
+    The curve itself is flat (1.0 after warmup): the plateau factor, driven by the metric, scales it.
+    """
     return 1.0

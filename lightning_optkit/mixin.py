@@ -88,9 +88,9 @@ class OptimizerMixin:
         callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
         if self.optim_spec is None and "optim" not in (getattr(self, "hparams", None) or {}):
             return callbacks
+        from lightning_optkit.callbacks.loader_position import RestoreLoaderPosition
         from lightning_optkit.callbacks.plateau_check import PlateauMonitorCheck
         from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
-        from lightning_optkit.distributed.resume import RestoreLoaderPosition
         from lightning_optkit.schedules import Schedule
 
         specs = self._optkit_spec()

@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_optkit import OptimizerMixin
+from lightning_optkit.callbacks import RestoreLoaderPosition
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
-from lightning_optkit.distributed import RestoreLoaderPosition
 
 SAMPLES = 64
 GLOBAL_BATCH = 8

@@ -10,13 +10,13 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from test_clipping import Regressor, make_loader
 
+from lightning_optkit.callbacks import RestoreLoaderPosition
 from lightning_optkit.callbacks._step_context import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 from lightning_optkit.callbacks.schedulefree import ScheduleFreeMode
 from lightning_optkit.callbacks.unfreeze import Unfreeze
-from lightning_optkit.distributed.resume import RestoreLoaderPosition
 from lightning_optkit.mixin import ManualStepCheck
 
 KIT_CALLBACKS = [GradientClipping(max_norm=1.0), NonFiniteGuard(), OptimizerMonitor(), ScheduleFreeMode(),

@@ -294,7 +294,7 @@ class Validated(Regressor):
 
 
 def test_validate_before_fit_adds_no_confusing_override_message(quiet_trainer_kwargs) -> None:
-    from lightning_optkit.distributed import RestoreLoaderPosition
+    from lightning_optkit.callbacks import RestoreLoaderPosition
 
     records = Records()
     lightning_log = logging.getLogger("lightning.pytorch")

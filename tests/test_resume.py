@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from lightning_optkit.distributed import RestoreLoaderPosition
+from lightning_optkit.callbacks import RestoreLoaderPosition
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 

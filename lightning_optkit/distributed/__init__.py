@@ -1,6 +1,10 @@
-"""Distributed training: the DDP overlap hook and its strategy, and exact mid-epoch resume of data loaders."""
+"""Distributed training: the DDP overlap hook and its strategy.
 
+``RestoreLoaderPosition`` (a data-loader resume callback, not a distributed one) lives in
+:mod:`lightning_optkit.callbacks`; it is re-exported here for existing imports.
+"""
+
+from lightning_optkit.callbacks.loader_position import RestoreLoaderPosition
 from lightning_optkit.distributed.overlap import OverlapDDPStrategy, OverlapState, overlap_hook
-from lightning_optkit.distributed.resume import RestoreLoaderPosition
 
 __all__ = ["OverlapDDPStrategy", "OverlapState", "RestoreLoaderPosition", "overlap_hook"]

@@ -17,6 +17,7 @@ from lightning_optkit.callbacks._step_context import (
     LeanCallback,
     check_sharded_layout,
     ensure_unscaled,
+    group_labels,
     is_logging_step,
     logger_step,
     optimizer_labels,
@@ -195,7 +196,8 @@ class OptimizerMonitor(LeanCallback):
         histograms: also log a ``wandb.Histogram`` of the per-layer gradient norms (needs a
             WandbLogger, ``per_layer=True`` and ``"grad"`` in ``norms``).
 
-    Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...).
+    Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...); in a
+    ChainedOptimizer (a ChainSpec) by ``<member>/<group>`` (``Muon/default``, ``AdamW/default``).
     An optimizer is labelled by its kit spec name when it was built from a spec, else by its class;
     repeats get ``-1``, ``-2``... (``Adam``, ``Adam-1``); GradientClipping and NonFiniteGuard use the
     same labels. ``<s>`` below is ``<group>`` with one optimizer and ``<label>/<group>`` with several;
@@ -336,7 +338,7 @@ class OptimizerMonitor(LeanCallback):
             self._plans[id(opt)] = self._make_plan(opt, f"{name}/" if several else "")
 
     def _make_plan(self, optimizer: Any, scope: str) -> _Plan:
-        group_keys = [str(g.get("name", f"pg{i}")) for i, g in enumerate(optimizer.param_groups)]
+        group_keys = group_labels(optimizer)
         if len(set(group_keys)) != len(group_keys):
             raise SpecError("param_groups names", group_keys, "give every param group of one optimizer a "
                             "distinct 'name'", problem=f"repeat a name in {type(optimizer).__name__}, so "

@@ -242,9 +242,18 @@ def metric_scope(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
 # ------------------------------------------------------------------ gradients and their norms
 def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = frozenset()
                 ) -> list[torch.nn.Parameter]:
-    """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``."""
+    """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is coalesced in place (``p.grad`` replaced by its
+    coalesced form, once per step): its values are then the tensor's entries, which norms, clipping and
+    the non-finite check read, and the optimizer's own ``coalesce`` costs nothing. On CUDA coalescing
+    syncs with the host (its output size depends on the data), as the sparse optimizers' step does anyway.
+    """
     groups = optimizer.param_groups
     out = [p for group in groups for p in group["params"] if p.grad is not None]
+    for p in out:
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
     if len({id(p) for p in out}) != len(out):  # a parameter listed twice (torch only warns within a group)
         out = list({id(p): p for p in out}.values())
     if skip_ids:

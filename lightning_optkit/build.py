@@ -174,6 +174,25 @@ def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> No
             check_placements(named, f"optimizer {cls.__name__}")
 
 
+def _refuse_complex(optimizers: list[OptimizerPlan], field: str) -> None:
+    """A complex parameter given to a kit optimizer that cannot train one: a SpecError naming the parameter.
+
+    The optimizers refuse it at construction too, but only know its position; here the name is known.
+    """
+    from lightning_optkit.optim.fused_adamw import COMPLEX_FIX
+
+    for i, op in enumerate(optimizers):
+        cls = op.spec.optimizer_cls
+        if getattr(cls, "supports_complex", True):
+            continue
+        for group in op.groups:
+            for name, p in zip(group.names, group.params, strict=True):
+                if torch.is_complex(p):
+                    where = f"{field}[{i}].params" if field != "spec" else "params"
+                    raise SpecError(where, name, COMPLEX_FIX, problem=f"is a complex parameter ({p.dtype}), which "
+                                    f"{cls.__name__} cannot train")
+
+
 def _refuse_lightning_clip_of_fused(optimizers: list[torch.optim.Optimizer], module: nn.Module, trainer: Any) -> None:
     """Refuse ``Trainer(gradient_clip_val=...)`` where Lightning would raise at the first batch.
 
@@ -224,6 +243,8 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     spec = spec_from_data(spec)
     the_plan = plan(module, spec)
     _refuse_per_shard_rules(the_plan.optimizers, trainer)
+    _refuse_complex(the_plan.optimizers, "chain" if isinstance(spec, ChainSpec) else
+                    "optimizers" if isinstance(spec, list) else "spec")
     sparse_ids = sparse_grad_ids(module)
     probes = []
     for i, op in enumerate(the_plan.optimizers):

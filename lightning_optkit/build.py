@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_optkit.durations import UnknownLength
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import OptimizerPlan, plan
 from lightning_optkit.probe import (
@@ -108,12 +109,11 @@ def _schedule(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, nam
         kwargs["total_steps"] = total_steps
     try:
         return schedule.create(optimizer, trainer, **kwargs)
-    except SpecError as err:
-        if trainer is None and "training length is unknown" in str(err):
-            raise SpecError(err.field, err.value, "call build_optimizers(module, spec, trainer=self.trainer) inside "
-                            "configure_optimizers (or use OptimizerMixin), or give durations in steps ('500steps')",
-                            problem="needs the training length, and no trainer was given") from err
-        raise
+    except UnknownLength as err:
+        if trainer is not None:
+            raise
+        raise err.explained("call build_optimizers(module, spec, trainer=self.trainer) inside configure_optimizers "
+                            "(or use OptimizerMixin)", "no trainer was given") from None
 
 
 def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:

@@ -2,9 +2,12 @@
 
 Matching rules: a glob on the qualified parameter name, ``re:<regex>`` (searched), ``type:<dotted>``
 or a module class (the module's own parameters), a predicate ``(name, param) -> bool``, or a list of
-those. A parameter takes the first group that matches, in declaration order; the rest fall into the
-``default`` group. Patterns that match nothing, overlaps between optimizers and parameters no
-optimizer takes are errors, listed by name.
+those. A selector sees every name a parameter has (a tied weight's, a module registered twice, with
+torch.compile's ``_orig_mod.`` stripped: see :mod:`lightning_optkit.param_names`); plans show the first.
+A parameter takes the first group that matches, in declaration order; the rest fall into the
+``default`` group. Patterns that match nothing (with the reason: frozen, taken by another optimizer or
+an earlier group, a compiled prefix), overlaps between optimizers and parameters no optimizer takes are
+errors, listed by name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.param_names import ParamNames, named_parameters, param_names, why_no_match
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type, spec_from_data
 
 DEFAULT_GROUP = "default"
@@ -104,12 +108,8 @@ class Plan(list):
 
 
 def owners(module: nn.Module) -> dict[str, nn.Module]:
-    """Map each parameter's qualified name to the module that owns it directly."""
-    out: dict[str, nn.Module] = {}
-    for mod_name, mod in module.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            out.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, mod)
-    return out
+    """Map each name of each parameter (every alias, ``_orig_mod.`` stripped) to the module that owns it directly."""
+    return param_names(module).owner
 
 
 def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
@@ -134,9 +134,28 @@ def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> 
     return bool(selector(name, param))
 
 
+def matched_name(selector: Any, param: nn.Parameter, names: ParamNames) -> str | None:
+    """The first name of ``param`` that ``selector`` matches (None: no name does)."""
+    return next((n for n in names.of(param) if matches(selector, n, param, names.owner[n])), None)
+
+
+def selects(selector: Any, param: nn.Parameter, names: ParamNames) -> bool:
+    """Whether ``selector`` matches any name of ``param`` (all its aliases, ``_orig_mod.`` stripped)."""
+    return matched_name(selector, param, names) is not None
+
+
 def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Named parameters that require grad (frozen ones are left out; tied weights appear once)."""
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    """Named parameters that require grad (frozen ones are left out; tied weights appear once, by their first
+    name; ``_orig_mod.`` stripped)."""
+    return [(n, p) for n, p in named_parameters(module) if p.requires_grad]
+
+
+def _no_match(field: str, selector: Any, names: ParamNames, *, frozen: Sequence[nn.Parameter] = (),
+              elsewhere: Sequence[tuple[nn.Parameter, str]] = (), problem: str, fix: str) -> SpecError:
+    """The SpecError for a selector that matched nothing, with the reason when one is known."""
+    problem, fix = why_no_match(selector, names, lambda p: matched_name(selector, p, names), frozen=frozen,
+                                elsewhere=elsewhere, default=(problem, fix))
+    return SpecError(field, _describe(selector), fix, problem=problem)
 
 
 def _describe(selector: Any) -> Any:
@@ -166,25 +185,25 @@ def listed_no_weight_decay(module: nn.Module) -> set[str]:
 
 
 def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[tuple[str, nn.Parameter]],
-                   owner_of: dict[str, nn.Module]) -> set[str]:
-    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay``."""
+                   names: ParamNames, frozen: Sequence[nn.Parameter] = ()) -> set[str]:
+    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay`` (any of a parameter's names)."""
     if spec.no_decay is None:
         return set()
     if spec.no_decay == "auto":
         listed = listed_no_weight_decay(module)
         out = set()
         for name, param in candidates:
-            if (param.ndim <= 1 or name.endswith(".bias") or name == "bias"
-                    or is_norm_layer(owner_of[name])
-                    or any(name == x or fnmatch.fnmatchcase(name, x) for x in listed)):
+            if param.ndim <= 1 or any(
+                    alias.endswith(".bias") or alias == "bias" or is_norm_layer(names.owner[alias])
+                    or any(alias == x or fnmatch.fnmatchcase(alias, x) for x in listed) for alias in names.of(param)):
                 out.add(name)
         return out
     out = set()
     for i, pattern in enumerate(spec.no_decay):
-        hits = {n for n, p in candidates if matches(pattern, n, p, owner_of[n])}
+        hits = {n for n, p in candidates if selects(pattern, p, names)}
         if not hits:
-            raise SpecError(f"no_decay[{i}]", pattern, "check the name against `optkit plan` output or "
-                            "lightning_optkit.plan(model, spec)", problem="matches no parameter")
+            raise _no_match(f"no_decay[{i}]", pattern, names, frozen=frozen, problem="matches no parameter",
+                            fix="check the name against `optkit plan` output or lightning_optkit.plan(model, spec)")
         out |= hits
     return out
 
@@ -239,7 +258,7 @@ def _candidates(module: nn.Module, specs: list[OptimizerSpec], field: str) -> li
                         "overlap and leftover rules need one set of parameters", problem=f"differs from "
                         f"{field}[0].frozen={modes[0]!r}")
     if modes[0] == "include":
-        params = list(module.named_parameters())
+        params = named_parameters(module)
         if not params:
             raise SpecError("params", None, "give the model parameters", problem="the model has no parameter")
         return params
@@ -250,9 +269,21 @@ def _candidates(module: nn.Module, specs: list[OptimizerSpec], field: str) -> li
     return params
 
 
+def _aliased(param: nn.Parameter, name: str, selector: Any, names: ParamNames) -> str:
+    """``name``, or the alias ``selector`` matched with the name it is tied to (``head.weight (tied to ...)``)."""
+    return names.described(param, matched_name(selector, param, names) or name)
+
+
+def _frozen(module: nn.Module, planned: Sequence[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
+    """The parameters of ``module`` left out of ``planned`` (the frozen ones, under frozen='skip')."""
+    ids = {id(p) for _, p in planned}
+    return [p for p in module.parameters() if id(p) not in ids]
+
+
 def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
-                     owner_of: dict[str, nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+                     names: ParamNames) -> list[list[tuple[str, nn.Parameter]]]:
     params = _candidates(module, specs, field)
+    frozen = _frozen(module, params)
     include = specs[0].frozen == "include"
     which = "parameter" if include else "trainable parameter"
     planned = "planned (frozen='include')" if include else "trainable"
@@ -261,10 +292,10 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         spec = specs[0]
         if spec.params is None:
             return [params]
-        picked = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        picked = [(n, p) for n, p in params if selects(spec.params, p, names)]
         if not picked:
-            raise SpecError(f"{field}.params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem=f"matches no {which}")
+            raise _no_match(f"{field}.params", spec.params, names, frozen=frozen, problem=f"matches no {which}",
+                            fix="check it against the parameter names (`optkit plan`)")
         taken_ids = {id(p) for _, p in picked}
         rest = [n for n, p in params if id(p) not in taken_ids]
         if rest:
@@ -282,19 +313,20 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
     for i, spec in enumerate(specs):
         if spec.params is None:
             continue
-        hits = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        hits = [(n, p) for n, p in params if selects(spec.params, p, names)]
         if not hits:
-            raise SpecError(f"{field}[{i}].params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem=f"matches no {which}")
-        overlap = [n for n, _ in hits if n in taken]
+            raise _no_match(f"{field}[{i}].params", spec.params, names, frozen=frozen, problem=f"matches no {which}",
+                            fix="check it against the parameter names (`optkit plan`)")
+        overlap = [(n, p) for n, p in hits if n in taken]
         if overlap:
-            other = taken[overlap[0]]
+            other = taken[overlap[0][0]]
             raise SpecError(
                 f"{field}[{i}].params", _describe(spec.params),
                 f"give each parameter to exactly one optimizer: narrow optimizer {other}'s params so it excludes "
                 f"these (e.g. a list of patterns, or leave one optimizer's params unset to take the rest)",
-                problem=f"overlaps optimizer {other} ({specs[other].label}) on {_names(overlap)}; each would be "
-                f"updated twice per step",
+                problem=f"overlaps optimizer {other} ({specs[other].label}) on "
+                f"{_names(_aliased(p, n, spec.params, names) for n, p in overlap)}; each would be updated twice per "
+                "step",
             )
         for n, _ in hits:
             taken[n] = i
@@ -309,8 +341,11 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
     return picked_by
 
 
-def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]],
-              owner_of: dict[str, nn.Module], label: str) -> OptimizerPlan:
+def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]], names: ParamNames,
+              label: str, frozen: Sequence[nn.Parameter] = (),
+              elsewhere: Sequence[tuple[nn.Parameter, str]] = ()) -> OptimizerPlan:
+    """The groups of one optimizer over its ``params``; ``frozen`` and ``elsewhere`` (the parameters other
+    optimizers take, with their labels) only explain a group pattern that matches none of ``params``."""
     by_group: dict[str, list[tuple[str, nn.Parameter]]] = {}
     group_of: dict[str, Any] = {}
     remaining = dict(params)
@@ -319,21 +354,23 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
         if gname == DEFAULT_GROUP:
             raise SpecError(f"groups[{i}].name", gname, "pick another name: 'default' holds unmatched parameters",
                             problem="is reserved")
-        all_hits = [n for n, p in params if matches(group.params, n, p, owner_of[n])]
-        hits = [n for n in all_hits if n in remaining]
+        all_hits = [(n, p) for n, p in params if selects(group.params, p, names)]
+        hits = [n for n, _ in all_hits if n in remaining]
         if not all_hits:
-            raise SpecError(f"groups[{gname}].params", _describe(group.params), "check the pattern against the "
-                            "parameter names (`optkit plan`)", problem="matches no parameter of this optimizer")
+            raise _no_match(f"groups[{gname}].params", group.params, names, frozen=frozen, elsewhere=elsewhere,
+                            problem="matches no parameter of this optimizer",
+                            fix="check the pattern against the parameter names (`optkit plan`)")
         if not hits:
+            shadowed = _names(_aliased(p, n, group.params, names) for n, p in all_hits)
             raise SpecError(f"groups[{gname}].params", _describe(group.params), "reorder the groups or narrow the "
                             "earlier pattern: a parameter takes the first group that matches",
-                            problem="matches only parameters already taken by earlier groups")
+                            problem=f"matches only parameters already taken by earlier groups: {shadowed}")
         by_group[gname] = [(n, remaining.pop(n)) for n in hits]
         group_of[gname] = group
     if remaining:
         by_group[DEFAULT_GROUP] = list(remaining.items())
         group_of[DEFAULT_GROUP] = None
-    decay_off = no_decay_names(module, spec, params, owner_of)
+    decay_off = no_decay_names(module, spec, params, names, frozen)
     depths, max_depth = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else ({}, 0)
     groups: dict[tuple[str, bool, int], TorchGroup] = {}
     for gname, members in by_group.items():
@@ -392,7 +429,7 @@ def plan(module: nn.Module, spec: Any) -> Plan:
     ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, or their dict/YAML data.
     """
     spec = spec_from_data(spec)
-    owner_of = owners(module)
+    names = param_names(module)
     if isinstance(spec, ChainSpec):
         specs, field = spec.specs, "chain"
     elif isinstance(spec, list):
@@ -400,13 +437,15 @@ def plan(module: nn.Module, spec: Any) -> Plan:
     else:
         specs, field = [spec], "spec"
     labels = optimizer_labels(specs)
-    assigned = _assign_to_specs(module, specs, field, owner_of)
-    order = {n: i for i, (n, _) in enumerate(module.named_parameters())}
+    assigned = _assign_to_specs(module, specs, field, names)
+    order = {n: i for i, (n, _) in enumerate(named_parameters(module))}
+    frozen = _frozen(module, [pair for params in assigned for pair in params])
     result = Plan()
     result.optimizers = []
     for i, (s, label, params) in enumerate(zip(specs, labels, assigned)):
+        elsewhere = [(p, other) for j, (other, taken) in enumerate(zip(labels, assigned)) if j != i for _, p in taken]
         try:
-            op = _plan_one(module, s, params, owner_of, label)
+            op = _plan_one(module, s, params, names, label, frozen, elsewhere)
         except SpecError as err:
             if field != "chain":
                 raise

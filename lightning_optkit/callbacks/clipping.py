@@ -35,6 +35,7 @@ from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.param_names import named_parameters, param_names
 from lightning_optkit.probe import sparse_grad_ids
 from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
 from lightning_optkit.validation import number
@@ -292,11 +293,13 @@ class GradientClipping(LeanCallback):
                             "GradientClipping(algorithm=...) chooses the algorithm",
                             problem="conflicts with GradientClipping")
         excluded: set[int] = set()
+        aliases = param_names(pl_module)  # every name of a parameter, _orig_mod. stripped, as plan() matches
         for pattern in self.exclude:
-            hits = [p for name, p in pl_module.named_parameters()
-                    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")]
+            hits = [p for p in pl_module.parameters() if any(
+                fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+                for name in aliases.of(p))]
             if not hits:
-                names = [n for n, _ in pl_module.named_parameters()]
+                names = [n for n, _ in named_parameters(pl_module)]
                 hint = closest(pattern, names)
                 raise SpecError("exclude", pattern, (f"did you mean {hint[0]!r}? " if hint else "")
                                 + "use a pattern matching parameter names of the LightningModule",
@@ -309,7 +312,7 @@ class GradientClipping(LeanCallback):
     def _refuse_sparse_agc(self, pl_module: pl.LightningModule) -> None:
         """AGC clips each output unit of a weight against that unit's norm: a sparse gradient has no such rows."""
         sparse = sparse_grad_ids(pl_module) - self._excluded_ids
-        names = [name for name, p in pl_module.named_parameters() if id(p) in sparse and p.requires_grad]
+        names = [name for name, p in named_parameters(pl_module) if id(p) in sparse and p.requires_grad]
         if names:
             raise SpecError(f"parameter {names[0]!r}", "sparse gradient",
                             f"exclude it (GradientClipping(algorithm='agc', exclude=[{names[0]!r}])), use "

@@ -32,6 +32,7 @@ from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, reco
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.param_names import named_parameters
 from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
@@ -338,7 +339,7 @@ class NonFiniteGuard(LeanCallback):
             return "non-finite or spiking gradients; logging steps name the tensors"
         finite = torch.stack([n.reshape(()).float() for n in norms]).isfinite().tolist()
         if self._names is None:
-            self._names = {id(p): name for name, p in pl_module.named_parameters()}
+            self._names = {id(p): name for name, p in named_parameters(pl_module)}  # _orig_mod. stripped
         group_of = {}
         if optimizer is not None and len(optimizer.param_groups) > 1:
             group_of = {id(p): label for label, g in zip(group_labels(optimizer), optimizer.param_groups, strict=True)

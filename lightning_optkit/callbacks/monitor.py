@@ -33,6 +33,7 @@ from lightning_optkit.callbacks._step_metrics import (
 )
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.param_names import named_parameters
 from lightning_optkit.sharding import any_sharded
 from lightning_optkit.validation import flag, number
 
@@ -329,7 +330,7 @@ class OptimizerMonitor(LeanCallback):
             self._active = self._every >= 1
         self._pending.clear()
         self._awaiting_clip = None
-        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._names = {id(p): name for name, p in named_parameters(pl_module)}  # _orig_mod. stripped
         self._block_patterns = _layer_decay_patterns(pl_module) if self.layer_depth is None else []
         self._plans = {}
         names = optimizer_labels(trainer)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from lightning_optkit.errors import SpecError
-from lightning_optkit.param_names import ParamNames, named_parameters, param_names, why_no_match
+from lightning_optkit.param_names import ParamNames, clean_name, named_parameters, param_names, why_no_match
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type, spec_from_data
 
 DEFAULT_GROUP = "default"
@@ -175,12 +175,13 @@ def _names(items: Iterable[str], limit: int = 8) -> str:
 
 def listed_no_weight_decay(module: nn.Module) -> set[str]:
     """Names (or globs) returned by ``no_weight_decay()`` of the module and of every submodule, as qualified
-    names: a LightningModule wrapping a timm model sees ``model.pos_embed``, not ``pos_embed``."""
+    names: a LightningModule wrapping a timm model sees ``model.pos_embed``, not ``pos_embed`` (``_orig_mod.``
+    stripped, as in every planned name)."""
     listed: set[str] = set()
     for prefix, sub in module.named_modules():
         method = getattr(sub, "no_weight_decay", None)
         if callable(method):
-            listed |= {f"{prefix}.{name}" if prefix else name for name in method()}
+            listed |= {clean_name(f"{prefix}.{name}" if prefix else name) for name in method()}
     return listed
 
 

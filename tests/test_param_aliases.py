@@ -64,6 +64,27 @@ def test_compiled_models_plan_exactly_as_uncompiled(where) -> None:
         assert _rows(compiled, spec) == _rows(plain, spec)
 
 
+class Scaled(nn.Module):
+    """A 2-D parameter exempt from weight decay only through ``no_weight_decay()``, as timm's ``pos_embed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3, 3))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"scale"}
+
+
+def test_no_weight_decay_lists_of_compiled_submodules_apply() -> None:
+    spec = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1}
+    plain = nn.Sequential(Scaled())
+    rows = _rows(plain, spec)
+    assert [r[4] for r in rows if r[0] == "0.scale"] == [0.0]
+    assert _rows(nn.Sequential(torch.compile(Scaled(), backend="eager")), spec) == rows
+    assert _rows(torch.compile(plain, backend="eager"), spec) == rows
+
+
 def test_fit_with_tied_weights_and_a_compiled_submodule(tmp_path, quiet_trainer_kwargs) -> None:
     model = TiedLM(compile_body=True)
     logger = CSVLogger(str(tmp_path), name="aliases")

@@ -153,10 +153,10 @@ def explain_unknown_length(err: UnknownLength, trainer: Any) -> UnknownLength:
     """
     from lightning.pytorch.callbacks import Timer
 
-    sized = _finite_int(trainer.num_training_batches) is not None
+    sized = math.isfinite(float(trainer.num_training_batches))
     endless = _finite_int(trainer.max_steps) is None and _finite_int(trainer.max_epochs) is None
     no_len = "the train dataloader has no length (an IterableDataset without __len__)"
-    if sized and not endless:
+    if sized and (err.needs == "epoch" or not endless):
         return err  # e.g. no training batch at all (limit_train_batches=0): the generic text
     if err.needs == "epoch":
         return err.explained("give the dataset a __len__ or set Trainer(limit_train_batches=<int>) (the batches per "

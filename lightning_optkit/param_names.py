@@ -94,5 +94,5 @@ def why_no_match(selector: Any, names: ParamNames, hit: Callable[[nn.Parameter],
     others = [f"{names.described(p, n)} in optimizer {label}" for p, label in elsewhere if (n := hit(p)) is not None]
     if others:
         return (f"matches only parameters another optimizer takes: {_listed(others)}",
-                "set the group on that optimizer instead, or narrow that optimizer's params")
+                "move the pattern to that optimizer's spec, or narrow that optimizer's params")
     return default

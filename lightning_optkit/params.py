@@ -186,8 +186,10 @@ def listed_no_weight_decay(module: nn.Module) -> set[str]:
 
 
 def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[tuple[str, nn.Parameter]],
-                   names: ParamNames, frozen: Sequence[nn.Parameter] = ()) -> set[str]:
-    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay`` (any of a parameter's names)."""
+                   names: ParamNames, frozen: Sequence[nn.Parameter] = (),
+                   elsewhere: Sequence[tuple[nn.Parameter, str]] = ()) -> set[str]:
+    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay`` (any of a parameter's names;
+    ``frozen`` and ``elsewhere`` explain a listed pattern that matches none of them)."""
     if spec.no_decay is None:
         return set()
     if spec.no_decay == "auto":
@@ -203,7 +205,8 @@ def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[
     for i, pattern in enumerate(spec.no_decay):
         hits = {n for n, p in candidates if selects(pattern, p, names)}
         if not hits:
-            raise _no_match(f"no_decay[{i}]", pattern, names, frozen=frozen, problem="matches no parameter",
+            raise _no_match(f"no_decay[{i}]", pattern, names, frozen=frozen, elsewhere=elsewhere,
+                            problem="matches no parameter",
                             fix="check the name against `optkit plan` output or lightning_optkit.plan(model, spec)")
         out |= hits
     return out
@@ -371,7 +374,7 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
     if remaining:
         by_group[DEFAULT_GROUP] = list(remaining.items())
         group_of[DEFAULT_GROUP] = None
-    decay_off = no_decay_names(module, spec, params, names, frozen)
+    decay_off = no_decay_names(module, spec, params, names, frozen, elsewhere)
     depths, max_depth = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else ({}, 0)
     groups: dict[tuple[str, bool, int], TorchGroup] = {}
     for gname, members in by_group.items():

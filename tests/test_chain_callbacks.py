@@ -16,8 +16,10 @@ from test_chain_and_schedulefree import HYBRID_MUON as HYBRID  # the README reci
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optkit import OptimizerMixin
+from lightning_optkit import OptimizerMixin, build_optimizers
 from lightning_optkit.callbacks import GradientClipping, NonFiniteGuard, OptimizerMonitor
+from lightning_optkit.callbacks._step_context import group_labels
+from lightning_optkit.optim import ChainedOptimizer
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
@@ -98,3 +100,15 @@ def test_guard_skips_the_whole_chain_and_names_the_member_group(tmp_path, quiet_
     assert all(math.isfinite(v) for v in recorder.steps[-1]["after"]["blocks.0.weight"].flatten().tolist())
     lines = [r.getMessage() for r in caplog.records]
     assert any("non-finite gradients in blocks.0.weight (group Muon/default)" in line for line in lines), lines
+
+
+def test_group_labels_of_chains_built_from_specs_and_by_hand():
+    model = TinyLM(HYBRID)
+    two_adamw = {"chain": [{"optimizer": "adamw", "lr": 1e-3, "params": "blocks.*"},
+                           {"optimizer": "adamw", "lr": 1e-3}]}
+    assert group_labels(build_optimizers(model, two_adamw)) == ["AdamW/default", "AdamW-1/default"]
+    by_hand = ChainedOptimizer([torch.optim.SGD(model.blocks.parameters(), lr=0.1),
+                                torch.optim.SGD([{"params": model.head.parameters(), "name": "head"},
+                                                 {"params": model.embed.parameters()}], lr=0.1)])
+    assert group_labels(by_hand) == ["SGD/pg0", "SGD-1/head", "SGD-1/pg1"]
+    assert group_labels(torch.optim.SGD(model.parameters(), lr=0.1)) == ["pg0"]  # not a chain: unchanged

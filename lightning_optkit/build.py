@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_optkit.durations import UnknownLength
 from lightning_optkit.errors import SpecError
 from lightning_optkit.params import OptimizerPlan, Plan, plan
 from lightning_optkit.probe import (
@@ -109,12 +110,11 @@ def _schedule(schedule: Any, optimizer: torch.optim.Optimizer, trainer: Any, nam
         kwargs["total_steps"] = total_steps
     try:
         return schedule.create(optimizer, trainer, **kwargs)
-    except SpecError as err:
-        if trainer is None and "training length is unknown" in str(err):
-            raise SpecError(err.field, err.value, "call build_optimizers(module, spec, trainer=self.trainer) inside "
-                            "configure_optimizers (or use OptimizerMixin), or give durations in steps ('500steps')",
-                            problem="needs the training length, and no trainer was given") from err
-        raise
+    except UnknownLength as err:
+        if trainer is not None:
+            raise
+        raise err.explained("call build_optimizers(module, spec, trainer=self.trainer) inside configure_optimizers "
+                            "(or use OptimizerMixin)", "no trainer was given") from None
 
 
 def _per_optimizer_total(trainer: Any, optimizers: int) -> int | None:
@@ -172,6 +172,25 @@ def _refuse_per_shard_rules(optimizers: list[OptimizerPlan], trainer: Any) -> No
                             f"holds only a shard of it (parameter {named[0][0]!r} is a DTensor)")
         if info.whole_tensor_norms:
             check_placements(named, f"optimizer {cls.__name__}")
+
+
+def _refuse_complex(optimizers: list[OptimizerPlan], field: str) -> None:
+    """A complex parameter given to a kit optimizer that cannot train one: a SpecError naming the parameter.
+
+    The optimizers refuse it at construction too, but only know its position; here the name is known.
+    """
+    from lightning_optkit.optim.fused_adamw import COMPLEX_FIX
+
+    for i, op in enumerate(optimizers):
+        cls = op.spec.optimizer_cls
+        if getattr(cls, "supports_complex", True):
+            continue
+        for group in op.groups:
+            for name, p in zip(group.names, group.params, strict=True):
+                if torch.is_complex(p):
+                    where = f"{field}[{i}].params" if field != "spec" else "params"
+                    raise SpecError(where, name, COMPLEX_FIX, problem=f"is a complex parameter ({p.dtype}), which "
+                                    f"{cls.__name__} cannot train")
 
 
 def _refuse_lightning_clip_of_fused(optimizers: list[torch.optim.Optimizer], module: nn.Module, trainer: Any) -> None:
@@ -237,6 +256,7 @@ def build_optimizers(module: nn.Module, spec: Any, trainer: Any = None) -> Any:
     specs = normalise_spec(spec)
     the_plan = plan(module, specs)
     _refuse_per_shard_rules(the_plan.optimizers, trainer)
+    _refuse_complex(the_plan.optimizers, specs.field)
     probes = _probe_all(the_plan, sparse_grad_ids(module))
     if specs.chain is not None:
         from lightning_optkit.optim.chained import ChainedOptimizer

@@ -21,6 +21,30 @@ _PERCENT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*%$")
 _FORMS = "an int (optimizer steps), '500steps', '2ep', '5%' or a float in (0, 1) (fraction of training)"
 
 
+class UnknownLength(SpecError):
+    """A duration or schedule that needs the fit's length (``needs="total"``) or an epoch's (``needs="epoch"``),
+    which is unknown where it is resolved.
+
+    ``alternative`` is the schedule-side way out (durations in steps, ``interval='step'``); ``way`` the other
+    one, which depends on why the length is unknown: :func:`explain_unknown_length` works it out from the
+    Trainer, :func:`lightning_optkit.build_optimizers` says to pass one.
+    """
+
+    def __init__(self, field: str, value: object, alternative: str, *, problem: str,
+                 needs: Literal["total", "epoch"], way: str | None = None, reason: str | None = None) -> None:
+        if way is None:
+            way = ("train with a dataloader whose length is known" if needs == "epoch" else
+                   "set Trainer(max_steps=...) or a finite max_epochs")
+        full = f"{problem}: {reason}" if reason else problem
+        super().__init__(field, value, f"{way}, or {alternative}", problem=full)
+        self.base_problem, self.alternative, self.needs = problem, alternative, needs
+
+    def explained(self, way: str, reason: str | None = None) -> UnknownLength:
+        """The same error with another way out and the reason the length is unknown."""
+        return UnknownLength(self.field, self.value, self.alternative, problem=self.base_problem, needs=self.needs,
+                             way=way, reason=reason)
+
+
 @dataclass(frozen=True)
 class Duration:
     """A parsed, not yet resolved duration: ``amount`` steps, epochs, or a fraction of training."""
@@ -83,22 +107,12 @@ def resolve_duration(value: Any, *, total_steps: int | None, steps_per_epoch: in
         return int(duration.amount)
     if duration.unit == "epochs":
         if not steps_per_epoch:
-            raise SpecError(
-                field,
-                value,
-                "give the duration in steps (an int or 'Nsteps'), or train with a "
-                "dataloader whose length is known",
-                problem="counts epochs but the steps per epoch are unknown",
-            )
+            raise UnknownLength(field, value, "give the duration in steps (an int or 'Nsteps')",
+                                problem="counts epochs but the steps per epoch are unknown", needs="epoch")
         return int(duration.amount) * steps_per_epoch
     if total_steps is None:
-        raise SpecError(
-            field,
-            value,
-            "give the duration in steps or epochs ('500steps', '2ep'), or set "
-            "Trainer(max_steps=...) or a finite max_epochs",
-            problem="is a fraction of training but the training length is unknown (infinite)",
-        )
+        raise UnknownLength(field, value, "give the duration in steps or epochs ('500steps', '2ep')",
+                            problem="is a fraction of training but the training length is unknown", needs="total")
     return fraction_to_count(duration.amount, total_steps)
 
 
@@ -128,3 +142,33 @@ def trainer_totals(trainer: Any) -> tuple[int | None, int | None]:
     batches = _finite_int(batches)
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if batches else None
     return total, per_epoch
+
+
+def explain_unknown_length(err: UnknownLength, trainer: Any) -> UnknownLength:
+    """``err`` with a reason and fix that name what, in this Trainer's settings, leaves the length unknown.
+
+    An epoch's length is unknown only when the train dataloader has none (an ``IterableDataset`` without
+    ``__len__``); the fit's length also when nothing bounds it (``max_epochs=-1`` and ``max_steps=-1``, as
+    ``max_time`` alone sets them: it stops on the clock), or when ``max_epochs`` counts epochs of unknown length.
+    """
+    from lightning.pytorch.callbacks import Timer
+
+    sized = math.isfinite(float(trainer.num_training_batches))
+    endless = _finite_int(trainer.max_steps) is None and _finite_int(trainer.max_epochs) is None
+    no_len = "the train dataloader has no length (an IterableDataset without __len__)"
+    if sized and (err.needs == "epoch" or not endless):
+        return err  # e.g. no training batch at all (limit_train_batches=0): the generic text
+    if err.needs == "epoch":
+        return err.explained("give the dataset a __len__ or set Trainer(limit_train_batches=<int>) (the batches per "
+                             "epoch)", no_len)
+    if not endless:
+        return err.explained("give the dataset a __len__, set Trainer(max_steps=...), or set "
+                             "Trainer(limit_train_batches=<int>) (the batches per epoch)",
+                             f"Trainer(max_epochs={trainer.max_epochs}) counts epochs, but {no_len}")
+    clock = any(isinstance(cb, Timer) for cb in trainer.callbacks)
+    bound = ("Trainer(max_time=...) stops on the clock, which counts no steps" if clock
+             else f"Trainer(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}) trains until stopped")
+    if sized:
+        return err.explained("set Trainer(max_steps=...) or a finite max_epochs", bound)
+    return err.explained("set Trainer(max_steps=...) (a finite max_epochs is not enough: the dataloader has no "
+                         "length)", f"{bound}, and {no_len}")

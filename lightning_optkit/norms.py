@@ -1,5 +1,6 @@
 """Batched gradient/parameter norms with foreach ops and no host sync.
 
+Sparse COO tensors (``nn.Embedding(sparse=True)`` gradients) are normed through their coalesced values.
 Every result stays on the tensors' device, in float32 (float64 for float64 tensors, as torch's own
 clipping computes them, so a float64 run neither overflows at 3.4e38 nor rounds differently), so
 callers can combine norms into clip coefficients or skip flags without a ``.item()``. Tensors are
@@ -24,6 +25,7 @@ __all__ = [
     "combine_norms",
     "group_by_device_dtype",
     "params_by_module_prefix",
+    "sparse_values",
     "tensor_norms",
     "total_norm",
 ]
@@ -76,6 +78,8 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
     tensors = list(tensors)  # gradients never require grad; foreach_norm reads them as they are
     if not tensors:
         return []
+    if any(t.is_sparse for t in tensors):
+        tensors = [sparse_values(t) if t.is_sparse else t for t in tensors]
     like = tensors if shards_of is None else shards_of
     if any_sharded(like):
         return _whole_norms(list(local_tensors(tensors)), like, norm_type)
@@ -86,6 +90,17 @@ def tensor_norms(tensors: Iterable[torch.Tensor], norm_type: float = 2.0,
         for i, n in zip(idx, _group_norms([tensors[i] for i in idx], norm_type), strict=True):
             out[i] = n
     return out  # type: ignore[return-value]
+
+
+def sparse_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse COO tensor, whose p-norm is the tensor's (the implicit entries are 0).
+
+    Duplicate indices are summed first (``coalesce``; free for an already coalesced tensor, such as the
+    gradients the kit's callbacks coalesce once per step). An empty result is one zero, whose norm is 0
+    for every p (the inf-norm of an empty tensor is undefined).
+    """
+    values = (tensor if tensor.is_coalesced() else tensor.coalesce()).values()
+    return values if values.numel() else values.new_zeros(1)
 
 
 def _whole_norms(shards: list[torch.Tensor], like: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tensor]:

@@ -2,9 +2,12 @@
 
 Matching rules: a glob on the qualified parameter name, ``re:<regex>`` (searched), ``type:<dotted>``
 or a module class (the module's own parameters), a predicate ``(name, param) -> bool``, or a list of
-those. A parameter takes the first group that matches, in declaration order; the rest fall into the
-``default`` group. Patterns that match nothing, overlaps between optimizers and parameters no
-optimizer takes are errors, listed by name.
+those. A selector sees every name a parameter has (a tied weight's, a module registered twice, with
+torch.compile's ``_orig_mod.`` stripped: see :mod:`lightning_optkit.param_names`); plans show the first.
+A parameter takes the first group that matches, in declaration order; the rest fall into the
+``default`` group. Patterns that match nothing (with the reason: frozen, taken by another optimizer or
+an earlier group, a compiled prefix), overlaps between optimizers and parameters no optimizer takes are
+errors, listed by name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.param_names import ParamNames, clean_name, named_parameters, param_names, why_no_match
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type
 from lightning_optkit.spec_set import SpecSet, normalise_spec
 
@@ -118,12 +122,8 @@ class Plan(Sequence[PlanRow]):
 
 
 def owners(module: nn.Module) -> dict[str, nn.Module]:
-    """Map each parameter's qualified name to the module that owns it directly."""
-    out: dict[str, nn.Module] = {}
-    for mod_name, mod in module.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            out.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, mod)
-    return out
+    """Map each name of each parameter (every alias, ``_orig_mod.`` stripped) to the module that owns it directly."""
+    return param_names(module).owner
 
 
 def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
@@ -148,9 +148,28 @@ def matches(selector: Any, name: str, param: nn.Parameter, owner: nn.Module) -> 
     return bool(selector(name, param))
 
 
+def matched_name(selector: Any, param: nn.Parameter, names: ParamNames) -> str | None:
+    """The first name of ``param`` that ``selector`` matches (None: no name does)."""
+    return next((n for n in names.of(param) if matches(selector, n, param, names.owner[n])), None)
+
+
+def selects(selector: Any, param: nn.Parameter, names: ParamNames) -> bool:
+    """Whether ``selector`` matches any name of ``param`` (all its aliases, ``_orig_mod.`` stripped)."""
+    return matched_name(selector, param, names) is not None
+
+
 def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Named parameters that require grad (frozen ones are left out; tied weights appear once)."""
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    """Named parameters that require grad (frozen ones are left out; tied weights appear once, by their first
+    name; ``_orig_mod.`` stripped)."""
+    return [(n, p) for n, p in named_parameters(module) if p.requires_grad]
+
+
+def _no_match(field: str, selector: Any, names: ParamNames, *, frozen: Sequence[nn.Parameter] = (),
+              elsewhere: Sequence[tuple[nn.Parameter, str]] = (), problem: str, fix: str) -> SpecError:
+    """The SpecError for a selector that matched nothing, with the reason when one is known."""
+    problem, fix = why_no_match(selector, names, lambda p: matched_name(selector, p, names), frozen=frozen,
+                                elsewhere=elsewhere, default=(problem, fix))
+    return SpecError(field, _describe(selector), fix, problem=problem)
 
 
 def _describe(selector: Any) -> Any:
@@ -170,35 +189,39 @@ def _names(items: Iterable[str], limit: int = 8) -> str:
 
 def listed_no_weight_decay(module: nn.Module) -> set[str]:
     """Names (or globs) returned by ``no_weight_decay()`` of the module and of every submodule, as qualified
-    names: a LightningModule wrapping a timm model sees ``model.pos_embed``, not ``pos_embed``."""
+    names: a LightningModule wrapping a timm model sees ``model.pos_embed``, not ``pos_embed`` (``_orig_mod.``
+    stripped, as in every planned name)."""
     listed: set[str] = set()
     for prefix, sub in module.named_modules():
         method = getattr(sub, "no_weight_decay", None)
         if callable(method):
-            listed |= {f"{prefix}.{name}" if prefix else name for name in method()}
+            listed |= {clean_name(f"{prefix}.{name}" if prefix else name) for name in method()}
     return listed
 
 
 def no_decay_names(module: nn.Module, spec: OptimizerSpec, candidates: Sequence[tuple[str, nn.Parameter]],
-                   owner_of: dict[str, nn.Module]) -> set[str]:
-    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay``."""
+                   names: ParamNames, frozen: Sequence[nn.Parameter] = (),
+                   elsewhere: Sequence[tuple[nn.Parameter, str]] = ()) -> set[str]:
+    """Names among ``candidates`` that get weight_decay 0 under ``spec.no_decay`` (any of a parameter's names;
+    ``frozen`` and ``elsewhere`` explain a listed pattern that matches none of them)."""
     if spec.no_decay is None:
         return set()
     if spec.no_decay == "auto":
         listed = listed_no_weight_decay(module)
         out = set()
         for name, param in candidates:
-            if (param.ndim <= 1 or name.endswith(".bias") or name == "bias"
-                    or is_norm_layer(owner_of[name])
-                    or any(name == x or fnmatch.fnmatchcase(name, x) for x in listed)):
+            if param.ndim <= 1 or any(
+                    alias.endswith(".bias") or alias == "bias" or is_norm_layer(names.owner[alias])
+                    or any(alias == x or fnmatch.fnmatchcase(alias, x) for x in listed) for alias in names.of(param)):
                 out.add(name)
         return out
     out = set()
     for i, pattern in enumerate(spec.no_decay):
-        hits = {n for n, p in candidates if matches(pattern, n, p, owner_of[n])}
+        hits = {n for n, p in candidates if selects(pattern, p, names)}
         if not hits:
-            raise SpecError(f"no_decay[{i}]", pattern, "check the name against `optkit plan` output or "
-                            "lightning_optkit.plan(model, spec)", problem="matches no parameter")
+            raise _no_match(f"no_decay[{i}]", pattern, names, frozen=frozen, elsewhere=elsewhere,
+                            problem="matches no parameter",
+                            fix="check the name against `optkit plan` output or lightning_optkit.plan(model, spec)")
         out |= hits
     return out
 
@@ -253,7 +276,7 @@ def _candidates(module: nn.Module, specs: list[OptimizerSpec], field: str) -> li
                         "overlap and leftover rules need one set of parameters", problem=f"differs from "
                         f"{field}[0].frozen={modes[0]!r}")
     if modes[0] == "include":
-        params = list(module.named_parameters())
+        params = named_parameters(module)
         if not params:
             raise SpecError("params", None, "give the model parameters", problem="the model has no parameter")
         return params
@@ -264,9 +287,21 @@ def _candidates(module: nn.Module, specs: list[OptimizerSpec], field: str) -> li
     return params
 
 
+def _aliased(param: nn.Parameter, name: str, selector: Any, names: ParamNames) -> str:
+    """``name``, or the alias ``selector`` matched with the name it is tied to (``head.weight (tied to ...)``)."""
+    return names.described(param, matched_name(selector, param, names) or name)
+
+
+def _frozen(module: nn.Module, planned: Sequence[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
+    """The parameters of ``module`` left out of ``planned`` (the frozen ones, under frozen='skip')."""
+    ids = {id(p) for _, p in planned}
+    return [p for p in module.parameters() if id(p) not in ids]
+
+
 def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
-                     owner_of: dict[str, nn.Module]) -> list[list[tuple[str, nn.Parameter]]]:
+                     names: ParamNames) -> list[list[tuple[str, nn.Parameter]]]:
     params = _candidates(module, specs, field)
+    frozen = _frozen(module, params)
     include = specs[0].frozen == "include"
     which = "parameter" if include else "trainable parameter"
     planned = "planned (frozen='include')" if include else "trainable"
@@ -275,10 +310,10 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
         spec = specs[0]
         if spec.params is None:
             return [params]
-        picked = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        picked = [(n, p) for n, p in params if selects(spec.params, p, names)]
         if not picked:
-            raise SpecError(f"{field}.params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem=f"matches no {which}")
+            raise _no_match(f"{field}.params", spec.params, names, frozen=frozen, problem=f"matches no {which}",
+                            fix="check it against the parameter names (`optkit plan`)")
         taken_ids = {id(p) for _, p in picked}
         rest = [n for n, p in params if id(p) not in taken_ids]
         if rest:
@@ -296,19 +331,20 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
     for i, spec in enumerate(specs):
         if spec.params is None:
             continue
-        hits = [(n, p) for n, p in params if matches(spec.params, n, p, owner_of[n])]
+        hits = [(n, p) for n, p in params if selects(spec.params, p, names)]
         if not hits:
-            raise SpecError(f"{field}[{i}].params", _describe(spec.params), "check it against the parameter names "
-                            "(`optkit plan`)", problem=f"matches no {which}")
-        overlap = [n for n, _ in hits if n in taken]
+            raise _no_match(f"{field}[{i}].params", spec.params, names, frozen=frozen, problem=f"matches no {which}",
+                            fix="check it against the parameter names (`optkit plan`)")
+        overlap = [(n, p) for n, p in hits if n in taken]
         if overlap:
-            other = taken[overlap[0]]
+            other = taken[overlap[0][0]]
             raise SpecError(
                 f"{field}[{i}].params", _describe(spec.params),
                 f"give each parameter to exactly one optimizer: narrow optimizer {other}'s params so it excludes "
                 f"these (e.g. a list of patterns, or leave one optimizer's params unset to take the rest)",
-                problem=f"overlaps optimizer {other} ({specs[other].label}) on {_names(overlap)}; each would be "
-                f"updated twice per step",
+                problem=f"overlaps optimizer {other} ({specs[other].label}) on "
+                f"{_names(_aliased(p, n, spec.params, names) for n, p in overlap)}; each would be updated twice per "
+                "step",
             )
         for n, _ in hits:
             taken[n] = i
@@ -323,8 +359,11 @@ def _assign_to_specs(module: nn.Module, specs: list[OptimizerSpec], field: str,
     return picked_by
 
 
-def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]],
-              owner_of: dict[str, nn.Module], label: str) -> OptimizerPlan:
+def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn.Parameter]], names: ParamNames,
+              label: str, frozen: Sequence[nn.Parameter] = (),
+              elsewhere: Sequence[tuple[nn.Parameter, str]] = ()) -> OptimizerPlan:
+    """The groups of one optimizer over its ``params``; ``frozen`` and ``elsewhere`` (the parameters other
+    optimizers take, with their labels) only explain a group pattern that matches none of ``params``."""
     by_group: dict[str, list[tuple[str, nn.Parameter]]] = {}
     group_of: dict[str, Any] = {}
     remaining = dict(params)
@@ -333,21 +372,23 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
         if gname == DEFAULT_GROUP:
             raise SpecError(f"groups[{i}].name", gname, "pick another name: 'default' holds unmatched parameters",
                             problem="is reserved")
-        all_hits = [n for n, p in params if matches(group.params, n, p, owner_of[n])]
-        hits = [n for n in all_hits if n in remaining]
+        all_hits = [(n, p) for n, p in params if selects(group.params, p, names)]
+        hits = [n for n, _ in all_hits if n in remaining]
         if not all_hits:
-            raise SpecError(f"groups[{gname}].params", _describe(group.params), "check the pattern against the "
-                            "parameter names (`optkit plan`)", problem="matches no parameter of this optimizer")
+            raise _no_match(f"groups[{gname}].params", group.params, names, frozen=frozen, elsewhere=elsewhere,
+                            problem="matches no parameter of this optimizer",
+                            fix="check the pattern against the parameter names (`optkit plan`)")
         if not hits:
+            shadowed = _names(_aliased(p, n, group.params, names) for n, p in all_hits)
             raise SpecError(f"groups[{gname}].params", _describe(group.params), "reorder the groups or narrow the "
                             "earlier pattern: a parameter takes the first group that matches",
-                            problem="matches only parameters already taken by earlier groups")
+                            problem=f"matches only parameters already taken by earlier groups: {shadowed}")
         by_group[gname] = [(n, remaining.pop(n)) for n in hits]
         group_of[gname] = group
     if remaining:
         by_group[DEFAULT_GROUP] = list(remaining.items())
         group_of[DEFAULT_GROUP] = None
-    decay_off = no_decay_names(module, spec, params, owner_of)
+    decay_off = no_decay_names(module, spec, params, names, frozen, elsewhere)
     depths, max_depth = layer_depths([n for n, _ in params], spec.layer_decay) if spec.layer_decay else ({}, 0)
     groups: dict[tuple[str, bool, int], TorchGroup] = {}
     for gname, members in by_group.items():
@@ -406,14 +447,17 @@ def plan(module: nn.Module, spec: Any) -> Plan:
     ``spec`` is an OptimizerSpec, a ChainSpec, a list of specs, their dict/YAML data, or a SpecSet.
     """
     specs = normalise_spec(spec)
-    owner_of = owners(module)
-    labels = optimizer_labels(list(specs.members))
-    assigned = _assign_to_specs(module, list(specs.members), specs.field, owner_of)
-    order = {n: i for i, (n, _) in enumerate(module.named_parameters())}
+    names = param_names(module)
+    members = list(specs.members)
+    labels = optimizer_labels(members)
+    assigned = _assign_to_specs(module, members, specs.field, names)
+    order = {n: i for i, (n, _) in enumerate(named_parameters(module))}
+    frozen = _frozen(module, [pair for params in assigned for pair in params])
     optimizers, rows = [], []
-    for i, (s, label, params) in enumerate(zip(specs.members, labels, assigned)):
+    for i, (s, label, params) in enumerate(zip(members, labels, assigned)):
+        elsewhere = [(p, other) for j, (other, taken) in enumerate(zip(labels, assigned)) if j != i for _, p in taken]
         try:
-            op = _plan_one(module, s, params, owner_of, label)
+            op = _plan_one(module, s, params, names, label, frozen, elsewhere)
         except SpecError as err:
             if specs.kind != "chain":
                 raise

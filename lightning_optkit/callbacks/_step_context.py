@@ -30,6 +30,7 @@ __all__ = [
     "disarm_fused_skip",
     "ensure_unscaled",
     "grad_params",
+    "group_labels",
     "is_fused_amp_optimizer",
     "is_logging_step",
     "logger_step",
@@ -150,20 +151,48 @@ def optimizer_labels(trainer: pl.Trainer) -> list[str]:
     set by :mod:`lightning_optkit.build`); any other by its class name. Repeats get ``-1``, ``-2``...
     (``Adam``, ``Adam-1``), as Lightning's LearningRateMonitor names them.
     """
-    labels: list[str] = []
+    return _unique([_label_of(getattr(opt, "optimizer", opt)) for opt in trainer.optimizers])
+
+
+def _unique(bases: list[str]) -> list[str]:
+    """``bases`` with repeats made unique by ``-1``, ``-2``... (``Adam``, ``Adam-1``)."""
+    out: list[str] = []
     used: set[str] = set()
-    for opt in trainer.optimizers:
-        raw = getattr(opt, "optimizer", opt)
-        base = getattr(raw, "optkit_name", None)
-        if not isinstance(base, str) or not base:
-            base = type(raw).__name__
+    for base in bases:
         label, n = base, 0
         while label in used:
             n += 1
             label = f"{base}-{n}"
         used.add(label)
-        labels.append(label)
-    return labels
+        out.append(label)
+    return out
+
+
+def _own_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [str(g.get("name", f"pg{i}")) for i, g in enumerate(optimizer.param_groups)]
+
+
+def group_labels(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One label per entry of ``optimizer.param_groups``: the group's ``"name"``, else ``pg<index>``.
+
+    A :class:`~lightning_optkit.optim.ChainedOptimizer` concatenates its members' groups, which are
+    often named alike (every kit member has a ``default`` group), so there each is labelled
+    ``<member>/<group>``: the member's kit spec name, else its class name (repeats ``-1``, ``-2``),
+    and the group's label within that member. The labels every callback's group-level keys use.
+    """
+    from lightning_optkit.optim.chained import ChainedOptimizer
+
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(raw, ChainedOptimizer):
+        return _own_group_names(raw)
+    members = _unique([_label_of(member) for member in raw.optimizers])
+    return [f"{member}/{group}" for member, opt in zip(members, raw.optimizers, strict=True)
+            for group in _own_group_names(opt)]
+
+
+def _label_of(raw: torch.optim.Optimizer) -> str:
+    base = getattr(raw, "optkit_name", None)
+    return base if isinstance(base, str) and base else type(raw).__name__
 
 
 def metric_scope(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
@@ -176,9 +205,18 @@ def metric_scope(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
 # ------------------------------------------------------------------ gradients and their norms
 def grad_params(optimizer: torch.optim.Optimizer, skip_ids: frozenset[int] = frozenset()
                 ) -> list[torch.nn.Parameter]:
-    """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``."""
+    """Parameters of ``optimizer`` that hold a gradient, in param-group order, minus ``skip_ids``.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is coalesced in place (``p.grad`` replaced by its
+    coalesced form, once per step): its values are then the tensor's entries, which norms, clipping and
+    the non-finite check read, and the optimizer's own ``coalesce`` costs nothing. On CUDA coalescing
+    syncs with the host (its output size depends on the data), as the sparse optimizers' step does anyway.
+    """
     groups = optimizer.param_groups
     out = [p for group in groups for p in group["params"] if p.grad is not None]
+    for p in out:
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
     if len({id(p) for p in out}) != len(out):  # a parameter listed twice (torch only warns within a group)
         out = list({id(p): p for p in out}.values())
     if skip_ids:

@@ -36,6 +36,8 @@ from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.param_names import named_parameters, param_names
+from lightning_optkit.probe import sparse_grad_ids
 from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
 from lightning_optkit.validation import number
 
@@ -82,7 +84,17 @@ def _scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
 
 
 def _clamp_grads_(params: Sequence[torch.Tensor], max_value: float) -> None:
-    """``clip_grad_value_``: torch's own for plain gradients, the same clamp on the shards of sharded ones."""
+    """``clip_grad_value_``: torch's own for plain gradients, the same clamp on the shards of sharded ones and
+    on the values of sparse ones (coalesced, so a row looked up twice is clamped after its parts are summed)."""
+    sparse = [p for p in params if p.grad.is_sparse]
+    if sparse:
+        for p in sparse:
+            if not p.grad.is_coalesced():
+                p.grad = p.grad.coalesce()
+            p.grad.values().clamp_(min=-max_value, max=max_value)
+        params = [p for p in params if not p.grad.is_sparse]
+        if not params:
+            return
     grads = [p.grad for p in params]
     if not any_sharded(grads):
         torch.nn.utils.clip_grad_value_(params, max_value)
@@ -283,17 +295,32 @@ class GradientClipping(LeanCallback):
                             "GradientClipping(algorithm=...) chooses the algorithm",
                             problem="conflicts with GradientClipping")
         excluded: set[int] = set()
+        aliases = param_names(pl_module)  # every name of a parameter, _orig_mod. stripped, as plan() matches
         for pattern in self.exclude:
-            hits = [p for name, p in pl_module.named_parameters()
-                    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")]
+            hits = [p for p in pl_module.parameters() if any(
+                fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+                for name in aliases.of(p))]
             if not hits:
-                names = [n for n, _ in pl_module.named_parameters()]
+                names = [n for n, _ in named_parameters(pl_module)]
                 hint = closest(pattern, names)
                 raise SpecError("exclude", pattern, (f"did you mean {hint[0]!r}? " if hint else "")
                                 + "use a pattern matching parameter names of the LightningModule",
                                 problem="matches no parameter")
             excluded.update(id(p) for p in hits)
         self._excluded_ids = frozenset(excluded)
+        if self.algorithm == "agc":
+            self._refuse_sparse_agc(pl_module)
+
+    def _refuse_sparse_agc(self, pl_module: pl.LightningModule) -> None:
+        """AGC clips each output unit of a weight against that unit's norm: a sparse gradient has no such rows."""
+        sparse = sparse_grad_ids(pl_module) - self._excluded_ids
+        names = [name for name, p in named_parameters(pl_module) if id(p) in sparse and p.requires_grad]
+        if names:
+            raise SpecError(f"parameter {names[0]!r}", "sparse gradient",
+                            f"exclude it (GradientClipping(algorithm='agc', exclude=[{names[0]!r}])), use "
+                            "algorithm='norm' or 'value' (both handle sparse gradients), or build the embedding "
+                            "with sparse=False", problem="gets sparse gradients (nn.Embedding(sparse=True)), which "
+                            "algorithm='agc' cannot clip unit-wise")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse sharded layouts without exact norms (once ``configure_model`` has sharded the module)."""
@@ -453,6 +480,9 @@ class GradientClipping(LeanCallback):
         norms = tensor_norms([*whole, *(p.grad for p in whole)], self.norm_type)
         reduced = dict(zip(map(id, whole), zip(norms[:len(whole)], norms[len(whole):])))
         for p in params:
+            if p.grad.is_sparse:  # not from a sparse embedding, which setup refuses: found only now
+                raise SpecError("algorithm", "agc", "exclude the parameter, or use algorithm='norm' or 'value'",
+                                problem=f"cannot clip the sparse gradient of a parameter of shape {tuple(p.shape)}")
             g = local_tensors([p.grad])[0]
             if id(p) in reduced:
                 pnorm, gnorm = reduced[id(p)]

@@ -17,6 +17,7 @@ from lightning_optkit.callbacks._step_context import (
     check_sharded_layout,
     disarm_fused_skip,
     ensure_unscaled,
+    group_labels,
     is_fused_amp_optimizer,
     is_logging_step,
     mark_scaler_skip,
@@ -31,6 +32,7 @@ from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stage
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
+from lightning_optkit.param_names import named_parameters
 from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
@@ -312,17 +314,18 @@ class NonFiniteGuard(LeanCallback):
             return
         labels = optimizer_labels(trainer)
         of = f" of optimizer {labels[idx]!r}" if len(labels) > 1 and idx < len(labels) else ""
+        optimizer = trainer.optimizers[idx] if idx < len(trainer.optimizers) else None
         total = f"{track.seen} in this fit"
         if final:
             text = (f"NonFiniteGuard: {track.seen} optimizer steps{of} skipped in this fit, {new} of them since "
                     "the last message")
         elif current and new == 1:
-            why = self._why(pl_module, params, norms, logging)
+            why = self._why(pl_module, params, norms, logging, optimizer)
             text = f"NonFiniteGuard: skipped optimizer step {step}{of} ({why}; {total})"
         else:
             latest = f"the latest at step {step}" if current else f"between steps {since} and {step}"
             text = (f"NonFiniteGuard: skipped {new} optimizer steps{of}, {latest} "
-                    f"({self._why(pl_module, params, norms, logging and current)}; {total})")
+                    f"({self._why(pl_module, params, norms, logging and current, optimizer)}; {total})")
         if not final:
             text += f"; at most one such line per {self.WARN_EVERY_S:g} s"
         log.warning(text)
@@ -330,14 +333,22 @@ class NonFiniteGuard(LeanCallback):
         self._last_warning = now
 
     def _why(self, pl_module: pl.LightningModule | None, params: list | None, norms: list | None,
-             named: bool) -> str:
-        """Which gradients were non-finite (one transfer; only for a skipped logging step), else the rule."""
+             named: bool, optimizer: torch.optim.Optimizer | None = None) -> str:
+        """Which gradients were non-finite (one transfer; only for a skipped logging step), else the rule.
+
+        With several param groups each tensor also names its group, by the monitor's label (``<member>/<group>``
+        in a chain)."""
         if not named or pl_module is None or not params:
             return "non-finite or spiking gradients; logging steps name the tensors"
         finite = torch.stack([n.reshape(()).float() for n in norms]).isfinite().tolist()
         if self._names is None:
-            self._names = {id(p): name for name, p in pl_module.named_parameters()}
-        bad = [self._names.get(id(p), "?") for p, ok in zip(params, finite) if not ok]
+            self._names = {id(p): name for name, p in named_parameters(pl_module)}  # _orig_mod. stripped
+        group_of = {}
+        if optimizer is not None and len(optimizer.param_groups) > 1:
+            group_of = {id(p): label for label, g in zip(group_labels(optimizer), optimizer.param_groups, strict=True)
+                        for p in g["params"]}
+        bad = [self._names.get(id(p), "?") + (f" (group {group_of[id(p)]})" if id(p) in group_of else "")
+               for p, ok in zip(params, finite) if not ok]
         if not bad:
             return "the gradient norm spiked (skip_on_spike)"
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

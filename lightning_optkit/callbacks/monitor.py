@@ -17,6 +17,7 @@ from lightning_optkit.callbacks._step_context import (
     LeanCallback,
     check_sharded_layout,
     ensure_unscaled,
+    group_labels,
     is_logging_step,
     logger_step,
     optimizer_labels,
@@ -32,6 +33,7 @@ from lightning_optkit.callbacks._step_metrics import (
 from lightning_optkit.callbacks.stages import GradientRole, clip_reports, order_gradient_stages
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.param_names import named_parameters
 from lightning_optkit.sharding import any_sharded
 from lightning_optkit.validation import flag, number
 
@@ -185,7 +187,8 @@ class OptimizerMonitor(LeanCallback):
         histograms: also log a ``wandb.Histogram`` of the per-layer gradient norms (needs a
             WandbLogger, ``per_layer=True`` and ``"grad"`` in ``norms``).
 
-    Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...).
+    Names: a param group is named by its ``"name"`` entry, else ``pg<index>`` (``pg0``, ``pg1``...); in a
+    ChainedOptimizer (a ChainSpec) by ``<member>/<group>`` (``Muon/default``, ``AdamW/default``).
     An optimizer is labelled by its kit spec name when it was built from a spec, else by its class;
     repeats get ``-1``, ``-2``... (``Adam``, ``Adam-1``); GradientClipping and NonFiniteGuard use the
     same labels. ``<s>`` below is ``<group>`` with one optimizer and ``<label>/<group>`` with several;
@@ -320,7 +323,7 @@ class OptimizerMonitor(LeanCallback):
             self._active = self._every >= 1
         self._pending.clear()
         self._awaiting_clip = None
-        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._names = {id(p): name for name, p in named_parameters(pl_module)}  # _orig_mod. stripped
         self._block_patterns = _layer_decay_patterns(pl_module) if self.layer_depth is None else []
         self._plans = {}
         names = optimizer_labels(trainer)
@@ -329,7 +332,7 @@ class OptimizerMonitor(LeanCallback):
             self._plans[id(opt)] = self._make_plan(opt, f"{name}/" if several else "")
 
     def _make_plan(self, optimizer: Any, scope: str) -> _Plan:
-        group_keys = [str(g.get("name", f"pg{i}")) for i, g in enumerate(optimizer.param_groups)]
+        group_keys = group_labels(optimizer)
         if len(set(group_keys)) != len(group_keys):
             raise SpecError("param_groups names", group_keys, "give every param group of one optimizer a "
                             "distinct 'name'", problem=f"repeat a name in {type(optimizer).__name__}, so "

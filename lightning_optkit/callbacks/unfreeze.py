@@ -14,7 +14,8 @@ from torch import nn
 
 from lightning_optkit.callbacks._step_context import LeanCallback
 from lightning_optkit.errors import SpecError
-from lightning_optkit.params import matches, owners
+from lightning_optkit.param_names import named_parameters, param_names
+from lightning_optkit.params import selects
 from lightning_optkit.spec import Selector, check_selector
 
 
@@ -62,8 +63,8 @@ class Unfreeze(LeanCallback):
         return f"Unfreeze[params={_describe(self.params)}, {point}]"
 
     def _select(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        owner_of = owners(module)
-        return [(n, p) for n, p in module.named_parameters() if matches(self.params, n, p, owner_of[n])]
+        names = param_names(module)  # every name of a parameter, _orig_mod. stripped, as plan() matches them
+        return [(n, p) for n, p in named_parameters(module) if selects(self.params, p, names)]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the selector matches frozen parameters of the module."""

@@ -98,6 +98,8 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     scalar_state_names: ClassVar[tuple[str, ...]] = ()
     counts_steps: ClassVar[bool] = True
     fused_kernel: ClassVar[str | None] = None
+    #: Read by build_optimizers, which names a complex parameter of the model before constructing this.
+    supports_complex: ClassVar[bool] = False
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **defaults: Any) -> None:
         defaults.setdefault("foreach", None)

@@ -65,6 +65,11 @@ def _check_number(field: str, value: Any, low: float, high: float = math.inf, *,
                       at_most=None if open_high or math.isinf(high) else high)
 
 
+#: How to train a complex parameter instead (FusedAdamW refuses them at construction).
+COMPLEX_FIX = ("train it with torch.optim.AdamW ('adamw', which steps complex parameters as real views), e.g. a "
+               "ChainSpec member or a second optimizer with params= naming it, or register "
+               "torch.view_as_real(p) as the parameter")
+
 # Attributes set by FusedAdamW.__init__ that a deepcopy or pickle must carry (see __getstate__).
 _PICKLED_ATTRIBUTES = ("max_grad_norm", "backend", "stochastic_rounding", "skipped_steps", "last_grad_norm",
                        "_sr_seed_host", "_sr_seeds")
@@ -98,10 +103,13 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
     part of ``state_dict``. A ``copy.deepcopy`` or pickle keeps it and every constructor setting.
 
     ``max_grad_norm``, ``backend`` and ``stochastic_rounding`` apply to the whole optimizer: a param
-    group that sets one of them raises a SpecError.
+    group that sets one of them raises a SpecError. A complex parameter is refused at construction
+    (SpecError): give it to ``torch.optim.AdamW``, which steps it as a real view.
     """
 
     _step_supports_amp_scaling = True
+    #: Read by build_optimizers, which names a complex parameter of the model before constructing this.
+    supports_complex = False
 
     def __init__(
         self,
@@ -159,6 +167,13 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                                 "(it applies to every group), and drop it from the param group",
                                 problem="is an optimizer-wide option that a param group cannot change")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if torch.is_complex(p):
+                self.param_groups.pop()
+                raise SpecError("params", f"param group {len(self.param_groups)}, parameter {i}: {p.dtype}, shape "
+                                f"{tuple(p.shape)}", COMPLEX_FIX, problem="is a complex parameter, which FusedAdamW "
+                                "cannot train")
 
     def _advance_sr_seeds(self) -> None:
         """Move every stochastic-rounding seed on by one, on device: fresh noise for the next step."""

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from lightning_optkit.arguments import check_argument
-from lightning_optkit.durations import fraction_to_count, parse_duration, resolve_duration, trainer_totals
+from lightning_optkit.durations import (
+    UnknownLength,
+    explain_unknown_length,
+    fraction_to_count,
+    parse_duration,
+    resolve_duration,
+    trainer_totals,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.schedules.curve import Curve
 from lightning_optkit.schedules.plateau import MetricReader, Plateau
@@ -198,12 +205,8 @@ class Schedule:
         tick = 1
         if self.interval == "epoch":
             if not steps_per_epoch:
-                raise SpecError(
-                    "schedule.interval",
-                    "epoch",
-                    "use interval='step', or train with a dataloader whose length is known",
-                    problem="needs the steps per epoch, which are unknown",
-                )
+                raise UnknownLength("schedule.interval", "epoch", "use interval='step'",
+                                    problem="needs the steps per epoch, which are unknown", needs="epoch")
             tick = steps_per_epoch
         ticks = None if total_steps is None else math.ceil(total_steps / tick)
 
@@ -256,13 +259,9 @@ class Schedule:
         if ticks is None and self.total == _DEFAULTS["total"] and not self.kind.needs_total:
             return None  # an open-ended shape on an infinite fit
         if ticks is None and self.total == _DEFAULTS["total"]:
-            raise SpecError(
-                "schedule.total",
-                self.total,
-                f"set Trainer(max_steps=...) or a finite max_epochs, or "
-                f"give total in steps ('10000steps') for {self.name!r}",
-                problem="is a fraction of training but the training length is unknown (infinite)",
-            )
+            raise UnknownLength("schedule.total", self.total, f"give total in steps ('10000steps') for {self.name!r}",
+                                problem="is a fraction of training but the training length is unknown",
+                                needs="total")
         total = to_ticks(self.total, "schedule.total")
         if total <= 0:
             raise SpecError(
@@ -315,9 +314,14 @@ class Schedule:
             trainer_total, trainer_per_epoch = trainer_totals(trainer)
             total_steps = trainer_total if total_steps is None else total_steps
             steps_per_epoch = trainer_per_epoch if steps_per_epoch is None else steps_per_epoch
-        scheduler = self.build(
-            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, trainer=trainer
-        )
+        try:
+            scheduler = self.build(
+                optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, trainer=trainer
+            )
+        except UnknownLength as err:
+            if trainer is None:
+                raise
+            raise explain_unknown_length(err, trainer) from None
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": name}
         if self.kind.follows_metric:
             config.update(

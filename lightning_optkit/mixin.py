@@ -7,11 +7,13 @@ from typing import Any
 import torch
 
 from lightning_optkit.build import build_optimizers
-from lightning_optkit.callbacks._step_context import LeanCallback
+from lightning_optkit.callbacks.base import LeanCallback
 from lightning_optkit.errors import SpecError
+from lightning_optkit.internals import module_trainer
 from lightning_optkit.params import optimizer_labels
 from lightning_optkit.registry import optimizer_info
 from lightning_optkit.spec_set import SpecSet, normalise_spec
+from lightning_optkit.unwrap import raw_optimizer
 
 
 class OptimizerMixin:
@@ -62,9 +64,9 @@ class OptimizerMixin:
 
     def configure_optimizers(self) -> Any:
         """Build the optimizers and schedulers from the spec (see :func:`lightning_optkit.build_optimizers`)."""
-        # `self.trainer` raises outside a fit; the private attribute lets configure_optimizers also be
-        # called on a bare module (then durations must be given in steps).
-        trainer = getattr(self, "_trainer", None)
+        # `self.trainer` raises outside a fit; configure_optimizers may also be called on a bare module
+        # (then durations must be given in steps).
+        trainer = module_trainer(self)
         result = build_optimizers(self, self._optkit_spec(), trainer=trainer)  # type: ignore[arg-type]
         if isinstance(result, list):
             self.__dict__["_optkit_monitors"] = _take_plateau_monitors(result)
@@ -106,7 +108,7 @@ class OptimizerMixin:
             wanted.append(PlateauMonitorCheck)
         if type(self).configure_optimizers is not OptimizerMixin.configure_optimizers:
             wanted.append(SpecInUseCheck)
-        trainer = getattr(self, "_trainer", None)
+        trainer = module_trainer(self)
         if trainer is not None:
             present = list(trainer.callbacks)
             if any(getattr(c, "optkit_internal", False) for c in present):
@@ -153,7 +155,7 @@ class OptimizerMixin:
         opts = opts if isinstance(opts, list) else [opts]
         index = self._optkit_index(optimizer, len(opts))
         opt = opts[index]
-        raw = getattr(opt, "optimizer", opt)
+        raw = raw_optimizer(opt)
         trainer = self.trainer  # type: ignore[attr-defined]
         configs = [c for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is raw]
         for config in configs:

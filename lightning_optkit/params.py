@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.labels import unique_labels
 from lightning_optkit.param_names import ParamNames, clean_name, named_parameters, param_names, why_no_match
 from lightning_optkit.spec import ChainSpec, OptimizerSpec, resolve_module_type
 from lightning_optkit.spec_set import SpecSet, normalise_spec
@@ -426,15 +427,10 @@ def _plan_one(module: nn.Module, spec: OptimizerSpec, params: list[tuple[str, nn
 
 
 def optimizer_labels(specs: Sequence[OptimizerSpec | ChainSpec]) -> list[str]:
-    """Display names of the optimizers, made unique (a name= wins; repeated class names get -1, -2)."""
-    base = [s.label for s in specs]
-    out = []
-    for i, b in enumerate(base):
-        if base.count(b) > 1 and not specs[i].name:
-            out.append(f"{b}-{base[:i].count(b)}" if base[:i].count(b) else b)
-        else:
-            out.append(b)
-    if len(set(out)) != len(out):
+    """Display names of the optimizers, made unique (:func:`~lightning_optkit.labels.unique_labels`:
+    repeated class names get -1, -2); a name= is kept as given, so a repeated one is a SpecError."""
+    out = unique_labels([s.label for s in specs])
+    if any(s.name and label != s.label for s, label in zip(specs, out)):
         raise SpecError("name", out, "give every optimizer a unique name=", problem="repeats")
     return out
 

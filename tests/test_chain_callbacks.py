@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optkit import OptimizerMixin, build_optimizers
 from lightning_optkit.callbacks import GradientClipping, NonFiniteGuard, OptimizerMonitor
-from lightning_optkit.callbacks._step_context import group_labels
+from lightning_optkit.callbacks.naming import group_labels
 from lightning_optkit.optim import ChainedOptimizer
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")

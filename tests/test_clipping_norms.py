@@ -80,7 +80,7 @@ def test_a_gradient_replaced_within_a_step_gets_its_own_norm():
     """
     import lightning.pytorch as pl
 
-    from lightning_optkit.callbacks._step_context import step_grad_norms
+    from lightning_optkit.callbacks.step_norms import step_grad_norms
 
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     p = torch.nn.Parameter(torch.randn(10))
@@ -103,7 +103,7 @@ def test_a_parameter_listed_twice_counts_once():
 
     import lightning.pytorch as pl
 
-    from lightning_optkit.callbacks._step_context import step_grad_norms
+    from lightning_optkit.callbacks.step_norms import step_grad_norms
 
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     p, q = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optkit.callbacks._step_context import is_logging_step
+from lightning_optkit.callbacks.cadence import is_logging_step
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from test_clipping import Regressor, make_loader
 
 from lightning_optkit.callbacks import RestoreLoaderPosition
-from lightning_optkit.callbacks._step_context import PER_BATCH_HOOKS
+from lightning_optkit.callbacks.base import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
 from lightning_optkit.callbacks.monitor import OptimizerMonitor

@@ -354,7 +354,7 @@ def test_clipping_guard_and_monitor_name_several_optimizers_alike(tmp_path, quie
 
 
 def test_optimizer_labels_prefer_the_kit_name_and_stay_unique():
-    from lightning_optkit.callbacks._step_context import optimizer_labels
+    from lightning_optkit.callbacks.naming import optimizer_labels
 
     params = [nn.Parameter(torch.randn(2))]
     named = [torch.optim.SGD(params, lr=0.1) for _ in range(2)]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optkit.callbacks._step_context import PER_BATCH_HOOKS
+from lightning_optkit.callbacks.base import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 

@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_optkit.callbacks._step_context import is_logging_step, logger_step
+from lightning_optkit.callbacks.cadence import is_logging_step, logger_step
 
 __all__ = ["BatchSteps", "flush_step_metrics", "join_rows", "publish_step_metrics", "record_host_metrics",
            "record_step_metrics", "seal_step_metrics", "stop_joining_rows"]

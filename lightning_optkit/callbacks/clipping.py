@@ -11,19 +11,6 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
-from lightning_optkit.callbacks._step_context import (
-    LeanCallback,
-    check_sharded_layout,
-    current_grad_norms,
-    ensure_unscaled,
-    grad_params,
-    is_logging_step,
-    metric_scope,
-    note_grads_modified,
-    optimizer_index,
-    refuse_sharded_strategy,
-    take_deferred_scale,
-)
 from lightning_optkit.callbacks._step_metrics import (
     BatchSteps,
     join_rows,
@@ -31,7 +18,18 @@ from lightning_optkit.callbacks._step_metrics import (
     record_step_metrics,
     stop_joining_rows,
 )
+from lightning_optkit.callbacks.amp import ensure_unscaled
+from lightning_optkit.callbacks.base import LeanCallback
+from lightning_optkit.callbacks.cadence import is_logging_step
+from lightning_optkit.callbacks.naming import metric_scope, optimizer_index
+from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
+from lightning_optkit.callbacks.step_norms import (
+    current_grad_norms,
+    grad_params,
+    note_grads_modified,
+    take_deferred_scale,
+)
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
@@ -39,6 +37,7 @@ from lightning_optkit.optim.modifiers import accepts_step_modifiers
 from lightning_optkit.param_names import named_parameters, param_names
 from lightning_optkit.probe import sparse_grad_ids
 from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
+from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import number
 
 # clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
@@ -348,7 +347,7 @@ class GradientClipping(LeanCallback):
         total = combine_norms(norms, self.norm_type, device)
         logging = is_logging_step(trainer)
         idx = optimizer_index(trainer, optimizer)
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         grads = [p.grad for p in params]
         threshold = None
 
@@ -369,7 +368,7 @@ class GradientClipping(LeanCallback):
             coef = clip_coefficient(threshold, total)
             self._apply_global(trainer, optimizer, grads, coef)
         else:  # value, agc: element/unit-wise, the effective coefficient needs a post-clip norm
-            deferred = take_deferred_scale(optimizer)  # an earlier clipper's coefficient, not yet applied
+            deferred = take_deferred_scale(trainer, optimizer)  # an earlier clipper's coefficient, not yet applied
             if deferred is not None:
                 _scale_grads_([p.grad for p in grad_params(raw)], deferred)
             if self.algorithm == "value":
@@ -448,7 +447,7 @@ class GradientClipping(LeanCallback):
     # ------------------------------------------------------------------ algorithms
     def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
                       coef: torch.Tensor) -> None:
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         if accepts_step_modifiers(raw) and not self._excluded_ids:
             raw.defer_grad_scale(coef)  # applied by the kit optimizer's step (fused: inside the update)
             note_grads_modified(trainer, optimizer, deferred_scale=coef)

@@ -10,29 +10,26 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_optkit.callbacks._adaptive import RunningNormStats
-from lightning_optkit.callbacks._step_context import (
-    LeanCallback,
+from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
+from lightning_optkit.callbacks.amp import (
     active_scaler,
     arm_fused_skip,
-    check_sharded_layout,
     disarm_fused_skip,
     ensure_unscaled,
-    group_labels,
     is_fused_amp_optimizer,
-    is_logging_step,
     mark_scaler_skip,
-    metric_scope,
-    optimizer_index,
-    optimizer_labels,
-    refuse_sharded_strategy,
-    step_grad_norms,
 )
-from lightning_optkit.callbacks._step_metrics import BatchSteps, join_rows, record_step_metrics, stop_joining_rows
+from lightning_optkit.callbacks.base import LeanCallback
+from lightning_optkit.callbacks.cadence import is_logging_step
+from lightning_optkit.callbacks.naming import group_labels, metric_scope, optimizer_index, optimizer_labels
+from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
+from lightning_optkit.callbacks.step_norms import step_grad_norms
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
 from lightning_optkit.optim.modifiers import accepts_step_modifiers
 from lightning_optkit.param_names import named_parameters
+from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
@@ -228,7 +225,7 @@ class NonFiniteGuard(LeanCallback):
         track.consecutive = torch.where(skip, track.consecutive + 1.0, torch.zeros_like(track.consecutive))
         self.last_skip = skip
 
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         scaler = active_scaler(trainer)
         synced = False
         if accepts_step_modifiers(raw):

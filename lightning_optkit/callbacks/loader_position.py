@@ -18,24 +18,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_optkit.callbacks._step_context import LeanCallback
+from lightning_optkit.callbacks.base import LeanCallback
+from lightning_optkit.internals import load_pending_loader_states
 
 __all__ = ["RestoreLoaderPosition"]
-
-
-def _load_pending_loader_states(trainer: pl.Trainer) -> bool:
-    """Load the checkpoint's loader states that Lightning left pending, and restart the data fetcher.
-
-    Lightning has no public API for either step; the private fit-loop attributes used here are the
-    ones its own ``setup_data`` uses (``_combined_loader_states_to_load``, ``_load_combined_loader_states``,
-    ``_data_fetcher``). Returns whether anything was restored.
-    """
-    fit_loop = trainer.fit_loop
-    if not getattr(fit_loop, "_combined_loader_states_to_load", None) or fit_loop._data_fetcher is None:
-        return False
-    fit_loop._load_combined_loader_states()
-    iter(fit_loop._data_fetcher)  # a new iterator (and prefetched batch) from the restored position
-    return True
 
 
 class RestoreLoaderPosition(LeanCallback):
@@ -51,7 +37,7 @@ class RestoreLoaderPosition(LeanCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Load the saved loader position, if Lightning left it pending, before the first batch."""
-        self.restored = _load_pending_loader_states(trainer)
+        self.restored = load_pending_loader_states(trainer.fit_loop)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to save: the loader's position is saved by Lightning itself."""

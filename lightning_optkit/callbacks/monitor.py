@@ -13,28 +13,24 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_optkit.callbacks._step_context import (
-    LeanCallback,
-    check_sharded_layout,
-    ensure_unscaled,
-    group_labels,
-    is_logging_step,
-    logger_step,
-    optimizer_labels,
-    refuse_sharded_strategy,
-    step_grad_norms,
-)
 from lightning_optkit.callbacks._step_metrics import (
     join_rows,
     record_host_metrics,
     seal_step_metrics,
     stop_joining_rows,
 )
+from lightning_optkit.callbacks.amp import ensure_unscaled
+from lightning_optkit.callbacks.base import LeanCallback
+from lightning_optkit.callbacks.cadence import is_logging_step, logger_step
+from lightning_optkit.callbacks.naming import group_labels, optimizer_labels
+from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, clip_reports, order_gradient_stages
+from lightning_optkit.callbacks.step_norms import step_grad_norms
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.param_names import named_parameters
 from lightning_optkit.sharding import any_sharded
+from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
@@ -87,7 +83,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 @dataclass
-class _Plan:
+class _LoggingPlan:
     """How one optimizer is reported: its key scope, group names and each parameter's layer."""
 
     optimizer: Any
@@ -106,7 +102,7 @@ class _PendingStep:
     batch; param norms and the snapshot (for the update) are from before its first step.
     """
 
-    plan: _Plan
+    plan: _LoggingPlan
     hparams: dict[str, float | torch.Tensor]
     grad_layers: list[str] = field(default_factory=list)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
@@ -270,7 +266,7 @@ class OptimizerMonitor(LeanCallback):
 
         self._every: int = 0  # resolved at setup; 0 means never
         self._active = False  # False on non-zero ranks and when logging is off
-        self._plans: dict[int, _Plan] = {}  # id(raw optimizer) -> plan
+        self._plans: dict[int, _LoggingPlan] = {}  # id(raw optimizer) -> plan
         self._names: dict[int, str] = {}  # id(param) -> full parameter name
         self._pending: dict[int, _PendingStep] = {}
         self._pending_step = -1  # logger step of the batch the pending records belong to
@@ -331,7 +327,7 @@ class OptimizerMonitor(LeanCallback):
         for opt, name in zip(trainer.optimizers, names, strict=True):
             self._plans[id(opt)] = self._make_plan(opt, f"{name}/" if several else "")
 
-    def _make_plan(self, optimizer: Any, scope: str) -> _Plan:
+    def _make_plan(self, optimizer: Any, scope: str) -> _LoggingPlan:
         group_keys = group_labels(optimizer)
         if len(set(group_keys)) != len(group_keys):
             raise SpecError("param_groups names", group_keys, "give every param group of one optimizer a "
@@ -347,14 +343,14 @@ class OptimizerMonitor(LeanCallback):
         layer_of = {id(p): self._layer(self._names[id(p)]) if id(p) in self._names else "unregistered"
                     for p in params}
         signature = tuple(len(g["params"]) for g in optimizer.param_groups)
-        return _Plan(optimizer, scope, [f"{scope}{k}" for k in group_keys], params, layer_of, signature)
+        return _LoggingPlan(optimizer, scope, [f"{scope}{k}" for k in group_keys], params, layer_of, signature)
 
     def _layer(self, param_name: str) -> str:
         if self.layer_depth is None:
             return _auto_layer_name(param_name, self._block_patterns)
         return _layer_name(param_name, self.layer_depth)
 
-    def _plan_for(self, optimizer: Any) -> _Plan:
+    def _plan_for(self, optimizer: Any) -> _LoggingPlan:
         plan = self._plans.get(id(optimizer))
         if plan is None or plan.signature != tuple(len(g["params"]) for g in optimizer.param_groups):
             scope = plan.scope if plan is not None else ""
@@ -365,7 +361,7 @@ class OptimizerMonitor(LeanCallback):
     def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
         return self._active and is_logging_step(trainer, self._every)
 
-    def _hparams(self, plan: _Plan) -> dict[str, float | torch.Tensor]:
+    def _hparams(self, plan: _LoggingPlan) -> dict[str, float | torch.Tensor]:
         out: dict[str, float | torch.Tensor] = {}
         for key, group in zip(plan.group_keys, plan.optimizer.param_groups, strict=True):
             out[f"lr/{key}"] = group["lr"]
@@ -402,7 +398,7 @@ class OptimizerMonitor(LeanCallback):
             self._pending.clear()
             self._awaiting_clip = None
         self._pending_step = step
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         self._harvest_clip()  # the clipping callback has run for the previously recorded step
         pending = self._pending.get(id(raw))
         with torch.no_grad():

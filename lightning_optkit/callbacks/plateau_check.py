@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_optkit.callbacks._step_context import LeanCallback
+from lightning_optkit.callbacks.base import LeanCallback
 from lightning_optkit.schedules.scheduler import KitLRScheduler
 
 

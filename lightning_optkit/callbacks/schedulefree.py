@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_optkit.callbacks._step_context import LeanCallback
+from lightning_optkit.callbacks.base import LeanCallback
 from lightning_optkit.optim.chained import ChainedOptimizer
 from lightning_optkit.optim.schedulefree import ScheduleFreeAdamW
 

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from lightning_optkit.callbacks._step_context import LeanCallback
+from lightning_optkit.callbacks.base import LeanCallback
 from lightning_optkit.errors import SpecError
 from lightning_optkit.param_names import named_parameters, param_names
 from lightning_optkit.params import selects

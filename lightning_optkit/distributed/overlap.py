@@ -39,6 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_optkit.errors import SpecError
 from lightning_optkit.kernels.functional import adamw_step
 from lightning_optkit.norms import clip_coefficient
+from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OverlapDDPStrategy", "OverlapState", "overlap_hook"]
@@ -84,7 +85,7 @@ class OverlapState:
         """Let the hook update ``module``'s parameters with ``optimizer`` (a FusedAdamW holding all of them)."""
         from lightning_optkit.optim.fused_adamw import FusedAdamW
 
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         if not isinstance(raw, FusedAdamW):
             raise SpecError("optimizer", type(raw).__name__, "use optimizer='fused_adamw' (FusedAdamW) in the "
                             "spec, or train without overlap (strategy='ddp')",
@@ -292,7 +293,7 @@ class OverlapDDPStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
         """Run the step's closure with the hook armed; the optimizer itself does not update again."""
-        raw = getattr(optimizer, "optimizer", optimizer)
+        raw = raw_optimizer(optimizer)
         if self.overlap.optimizer is None or raw is not self.overlap.optimizer:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         self.overlap.armed = True

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.internals import tensor_version
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _fingerprint(value: Any) -> Any:
     """Identifies a metric value without reading it: a tensor by its storage and version counter (the
     ``.detach()`` copies Lightning hands out share both), anything else by identity."""
     if isinstance(value, torch.Tensor):
-        return (value.data_ptr(), value._version)  # _version: no public equivalent for in-place updates
+        return (value.data_ptr(), tensor_version(value))  # a metric updated in place is a new value
     return id(value)
 
 

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import MLPRegressor, regression_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,9 +20,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)  # float32, same op order as torch: differences
 
 
 def make_loader(n: int = 48, batch_size: int = 8) -> DataLoader:
-    x = torch.randn(n, 8)
-    y = torch.randn(n, 4) * 3.0
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    return regression_loader(n, batch_size, target_scale=3.0)
 
 
 def make_optimizer(kind: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
@@ -33,18 +32,12 @@ def make_optimizer(kind: str, params, lr: float = 0.05) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=lr)
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """``make_optimizer(optimizer, params)``'s optimizer."""
+
     def __init__(self, optimizer: str = "sgd") -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        super().__init__(lambda params: make_optimizer(optimizer, params))
         self.optimizer_kind = optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return make_optimizer(self.optimizer_kind, self.parameters())
 
 
 def hand_loop(net: nn.Module, loader: DataLoader, kind: str, clip, steps: int, accumulate: int = 1) -> list[float]:

@@ -8,9 +8,8 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from fit_helpers import MLPRegressor, regression_loader
+from torch.utils.data import DataLoader
 
 from lightning_optkit.callbacks._adaptive import NormHistory, RunningNormStats
 from lightning_optkit.callbacks.clipping import GradientClipping
@@ -21,20 +20,15 @@ ADAPTIVE = {
 }
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """SGD with momentum."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-
-    def training_step(self, batch, batch_idx):
-        return F.mse_loss(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        super().__init__(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
 
 
 def make_loader() -> DataLoader:  # 6 batches per epoch
-    return DataLoader(TensorDataset(torch.randn(48, 8), torch.randn(48, 4) * 3), batch_size=8)
+    return regression_loader(48, target_scale=3)
 
 
 class Thresholds(pl.Callback):

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import MLPRegressor
 from kernel_helpers import use_backend
 from test_optim_parity import adan_reference, lamb_reference, lion_reference, random_shapes, schedulefree_reference
 from torch import nn
@@ -109,18 +110,7 @@ def test_fused_adamw_in_float64_matches_torch_adamw(gen):
 
 
 # ----------------------------------------------------------------------------------- clipping paths
-class Regressor(pl.LightningModule):
-    def __init__(self, make_optimizer) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-        self.make_optimizer = make_optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return self.make_optimizer(self.net.parameters())
+Regressor = MLPRegressor  # make_optimizer(params) builds its optimizer
 
 
 def sgd(params):

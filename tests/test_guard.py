@@ -11,9 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import MLPRegressor, regression_loader
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard, TooManySkippedSteps
@@ -22,7 +23,7 @@ from lightning_optkit.optim.modifiers import StepModifiers
 
 
 def make_loader(n: int = 96, batch_size: int = 8) -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(n, 8), torch.randn(n, 4)), batch_size=batch_size)
+    return regression_loader(n, batch_size)
 
 
 class ModSGD(StepModifiers, torch.optim.Optimizer):
@@ -59,23 +60,12 @@ def make_optimizer(kind: str, params):
     return ModSGD(params, lr=0.05)
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """``make_optimizer(optimizer, params)``'s optimizer; see MLPRegressor for ``bad_batches``."""
+
     def __init__(self, optimizer: str, bad_batches=(), bad_factor: float = math.nan) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        super().__init__(lambda params: make_optimizer(optimizer, params), bad_batches, bad_factor)
         self.optimizer_kind = optimizer
-        self.bad_batches = set(bad_batches)
-        self.bad_factor = bad_factor
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.mse_loss(self.net(x), y)
-        if batch_idx in self.bad_batches or (-1 in self.bad_batches and batch_idx >= 1):
-            loss = loss * self.bad_factor
-        return loss
-
-    def configure_optimizers(self):
-        return make_optimizer(self.optimizer_kind, self.parameters())
 
 
 def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

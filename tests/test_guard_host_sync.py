@@ -6,9 +6,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from fit_helpers import MLPRegressor, regression_loader
+from torch.utils.data import DataLoader
 
 from lightning_optkit.callbacks.cadence import is_logging_step
 from lightning_optkit.callbacks.clipping import GradientClipping
@@ -55,23 +54,15 @@ class SyncCounter:
         return [n for logging, n in self.calls if not logging]
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """``make_optimizer(params)``'s optimizer; batch ``bad_batch``'s loss is NaN."""
+
     def __init__(self, make_optimizer, bad_batch: int | None = None) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-        self.make_optimizer = make_optimizer
-        self.bad_batch = bad_batch
-
-    def training_step(self, batch, batch_idx):
-        loss = F.mse_loss(self.net(batch[0]), batch[1])
-        return loss * float("nan") if batch_idx == self.bad_batch else loss
-
-    def configure_optimizers(self):
-        return self.make_optimizer(self.parameters())
+        super().__init__(make_optimizer, () if bad_batch is None else (bad_batch,))
 
 
 def make_loader() -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 4)), batch_size=8)
+    return regression_loader(64)
 
 
 def test_counter_detects_a_sync(monkeypatch):

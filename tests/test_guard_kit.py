@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from fit_helpers import MLPRegressor, regression_loader
+from torch.utils.data import DataLoader
 
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
@@ -23,22 +23,16 @@ KIT = {
 }
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """The kit optimizer ``KIT[kind]``; batch ``bad_batch``'s loss is NaN."""
+
     def __init__(self, kind: str, bad_batch: int | None = None) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-        self.kind, self.bad_batch = kind, bad_batch
-
-    def training_step(self, batch, batch_idx):
-        loss = F.mse_loss(self.net(batch[0]), batch[1])
-        return loss * float("nan") if batch_idx == self.bad_batch else loss
-
-    def configure_optimizers(self):
-        return KIT[self.kind](self.parameters())
+        super().__init__(lambda params: KIT[kind](params), () if bad_batch is None else (bad_batch,))
+        self.kind = kind
 
 
 def make_loader() -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 4) * 3), batch_size=8)
+    return regression_loader(64, target_scale=3)
 
 
 @pytest.mark.parametrize("kind", list(KIT))

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import MLPRegressor, regression_loader
 from lightning.pytorch.plugins import MixedPrecision
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.guard import NonFiniteGuard
@@ -21,22 +21,17 @@ def scaled_precision() -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
 
 
-class Regressor(pl.LightningModule):
+class Regressor(MLPRegressor):
+    """torch's AdamW, fused or not; batch ``bad_batch``'s loss times ``bad_factor``."""
+
     def __init__(self, fused: bool, bad_batch: int | None = None, bad_factor: float = float("nan")) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-        self.fused, self.bad_batch, self.bad_factor = fused, bad_batch, bad_factor
-
-    def training_step(self, batch, batch_idx):
-        loss = F.mse_loss(self.net(batch[0]), batch[1])
-        return loss * self.bad_factor if batch_idx == self.bad_batch else loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
+        super().__init__(lambda params: torch.optim.AdamW(params, lr=0.01, fused=fused),
+                         () if bad_batch is None else (bad_batch,), bad_factor)
+        self.fused = fused
 
 
 def make_loader() -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(96, 8), torch.randn(96, 4) * 3), batch_size=8)
+    return regression_loader(96, target_scale=3)
 
 
 @pytest.mark.parametrize("fused", [False, True])

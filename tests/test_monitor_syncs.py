@@ -14,32 +14,14 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
+from torch_calls import HOST_TRANSFERS, TorchCalls
 
 from lightning_optkit.callbacks.base import PER_BATCH_HOOKS
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 
-HOST_TRANSFERS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__",
-                  "__format__", "__repr__", "__array__", "to(cpu)"}
 HOOKS = PER_BATCH_HOOKS  # every per-batch hook the monitor implements (the others are None, never dispatched)
-
-
-class TorchCalls(TorchFunctionMode):
-    """Names of every torch function / tensor method called while active; ``.to('cpu')`` as ``to(cpu)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", repr(func))
-        if name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values())):
-            name = "to(cpu)"
-        self.names.append(name)
-        return func(*args, **kwargs)
 
 
 class CountedMonitor(OptimizerMonitor):
@@ -55,7 +37,7 @@ class CountedMonitor(OptimizerMonitor):
             return attr
 
         def counted(trainer, *args, **kwargs):
-            with TorchCalls() as calls:
+            with TorchCalls(any_tensor_to_cpu=True) as calls:
                 out = attr(trainer, *args, **kwargs)
             self.calls[trainer.fit_loop.epoch_loop.batch_idx].extend(calls.names)
             return out

@@ -27,12 +27,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for ddp_helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for ddp_helpers and torch_calls
 
 from ddp_helpers import KillAt, ResumableLoader, ResumableSampler  # noqa: E402
+from torch_calls import HOST_TRANSFERS, TorchCalls  # noqa: E402,F401 (HOST_TRANSFERS: read by test_fsdp2)
 
 from lightning_optkit import OptimizerMixin  # noqa: E402
 from lightning_optkit.callbacks import GradientClipping, NonFiniteGuard, OptimizerMonitor  # noqa: E402
@@ -41,8 +41,6 @@ STEPS = 20
 EPOCH = 8  # steps per epoch
 KILL_AT, CKPT_EVERY = 13, 6  # the killed run dies at step 13, after checkpoints at steps 6 and 12 (mid-epoch 1)
 NAN_STEP = 7  # the step whose gradient gets a NaN on rank 1 only
-HOST_TRANSFERS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__",
-                  "__repr__", "__array__", "to(cpu)"}
 SCHEDULE = {"name": "cosine", "warmup": "20%"}
 
 # name -> (optimizer spec, callbacks factory, inject a NaN at NAN_STEP)
@@ -160,24 +158,6 @@ class SkipProbe(Callback):
             after = self._local(module)
             self.unchanged = all(torch.equal(a, b) for a, b in zip(self.before, after, strict=True))
             self.before = []
-
-
-class TorchCalls(TorchFunctionMode):
-    """Names of every torch function / tensor method called while active; a move of a non-CPU tensor to the
-    CPU as ``to(cpu)`` (on this CPU-only machine ``.to(device)`` of a CPU tensor moves nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", repr(func))
-        moves = name == "to" and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu"
-        if moves and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values())):
-            name = "to(cpu)"
-        self.names.append(name)
-        return func(*args, **kwargs)
 
 
 class SyncNet(ShardNet):

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.kernels import lean_codec as codec
+from lightning_optkit.kernels.dispatch import PathLogger, select_backend
+
+_log_path = PathLogger("lightning_optkit.kernels")
 
 SLICE = 1 << 18  # elements of one working slice: ~8 fp32 temporaries of 1 MB each
 
@@ -116,7 +119,7 @@ def _slices(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[_Slice]:
 def lean_adamw(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
     salts: Sequence[int], hyper: LeanHyper, *, grad_scale: Tensor | None = None, skip: Tensor | None = None,
-    seed: int = 0, stochastic_params: bool = False,
+    seed: int = 0, stochastic_params: bool = False, backend: str = "torch", path_log: PathLogger | None = None,
 ) -> None:
     """One AdamW step, in place, for contiguous local tensors with lean (or fp32) state.
 
@@ -124,6 +127,8 @@ def lean_adamw(
     parameter plus ``exp_avg_scale``/``exp_avg_sq_scale``, or bf16/fp32 tensors). ``salts[i]`` tells the
     tensors apart in the stochastic-rounding hash (with ``seed`` and the step count). ``skip``: a 0-d
     tensor, nonzero skips. ``stochastic_params``: write bf16 parameters with stochastic rounding.
+    ``backend`` (see :mod:`lightning_optkit.kernels.dispatch`) sends int8/bf16 groups that suit the
+    Triton kernel there (one launch per device, dtype and layout); fp32-state ones always run here.
     """
     if not params:
         return
@@ -139,16 +144,38 @@ def lean_adamw(
     decay = (1.0 - lr * hyper.weight_decay) if isinstance(lr, Tensor) else None
     decay = decay.float() if decay is not None else 1.0 - hyper.lr * hyper.weight_decay
     mult = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(())
+    keys = [codec.tensor_key(seed, st["step"], 2 * salt) for st, salt in zip(states, salts)]
+    param_keys = [codec.tensor_key(seed, st["step"], 2 * salt + 1) for st, salt in zip(states, salts)] if (
+        stochastic_params) else None
+    launches: dict[tuple[torch.device, torch.dtype, str], list[int]] = {}
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         kind = state_kind(state)
-        moment_key = codec.tensor_key(seed, state["step"], 2 * salts[i]) if kind == "bfloat16" else None
-        param_key = codec.tensor_key(seed, state["step"], 2 * salts[i] + 1) if (
-            stochastic_params and p.dtype == torch.bfloat16) else None
+        tensors = (p, g, *state.values())
+        path = "torch" if kind == "float32" else select_backend(
+            backend, p.device, p.dtype, lambda tensors=tensors: all(t.is_contiguous() for t in tensors))
+        (path_log or _log_path)(p.device, p.dtype, f"adamw-{kind}/{path}")
+        if path == "triton":
+            launches.setdefault((p.device, p.dtype, kind), []).append(i)
+            continue
+        param_key = param_keys[i] if param_keys is not None and p.dtype == torch.bfloat16 else None
         work = p if p.is_contiguous() else p.contiguous()
         for s in _slices(work, g.contiguous(), state):
-            _update_slice(s, kind, hyper, step_sizes[i], bc2_sqrts[i], decay, mult, keep, moment_key, param_key)
+            _update_slice(s, kind, hyper, step_sizes[i], bc2_sqrts[i], decay, mult, keep,
+                          keys[i] if kind == "bfloat16" else None, param_key)
         if work is not p:
             p.copy_(work)
+    for idx in launches.values():
+        from lightning_optkit.kernels.triton.lean_adamw import triton_lean_adamw
+
+        decay_t = decay if isinstance(decay, Tensor) else torch.full((), decay, device=device)
+        triton_lean_adamw(
+            [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx],
+            torch.stack([step_sizes[i] for i in idx]), torch.stack([bc2_sqrts[i] for i in idx]), decay_t,
+            beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, maximize=hyper.maximize, grad_scale=mult,
+            skip=None if keep is None else (~keep).to(torch.float32),
+            moment_keys=torch.stack([keys[i] for i in idx]),
+            param_keys=None if param_keys is None else torch.stack([param_keys[i] for i in idx]),
+        )
 
 
 def _update_slice(s: _Slice, kind: str, hyper: LeanHyper, step_size: Tensor, bc2_sqrt: Tensor,

@@ -415,12 +415,12 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             )
         chosen = [i for i, is_lean in enumerate(lean) if is_lean]
         if chosen:
-            self._path_log(params[chosen[0]].device, params[chosen[0]].dtype, "adamw/lean-torch")
             hyper = LeanHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                               weight_decay=group["weight_decay"], maximize=group["maximize"])
             lean_adamw(
                 list(local_tensors([params[i] for i in chosen])), list(local_tensors([grads[i] for i in chosen])),
                 [{k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in states[i].items()} for i in chosen],
                 [self._salt(params[i]) for i in chosen], hyper, grad_scale=grad_scale, skip=skip,
-                seed=self.rounding_seed, stochastic_params=self.stochastic_rounding,
+                seed=self.rounding_seed, stochastic_params=self.stochastic_rounding, backend=self.backend,
+                path_log=self._path_log,
             )

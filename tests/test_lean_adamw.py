@@ -301,3 +301,48 @@ def test_bad_state_dtype_is_a_spec_error_naming_field_value_and_fix(where):
         OptimizerSpec("fused_adamw", lr=1e-3, lean_min_numel=-1)
     with pytest.raises(SpecError, match="amsgrad"):
         OptimizerSpec("fused_adamw", lr=1e-3, amsgrad=True, state_dtype="bfloat16")
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(64, 300) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight).square().mean()
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_ddp_overlap_hook_updates_lean_state_like_the_step(state_dtype, tmp_path, gen):
+    """The overlap hook runs FusedAdamW.update_group: a DDP run (1 process, gloo) equals plain steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_optkit.distributed.overlap import OverlapState, overlap_hook
+
+    torch.manual_seed(0)
+    net, reference = _Linear(), _Linear()
+    reference.load_state_dict(net.state_dict())
+    opt = FusedAdamW(net.parameters(), lr=LR, state_dtype=state_dtype)
+    reference_opt = FusedAdamW(reference.parameters(), lr=LR, state_dtype=state_dtype)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        state = OverlapState()
+        state.attach(opt, net)
+        ddp = DistributedDataParallel(net)
+        ddp.register_comm_hook(state=state, hook=overlap_hook)
+        for _ in range(3):
+            x = torch.randn(8, 64, generator=gen)
+            state.armed = True
+            ddp(x).backward()
+            state.armed = False
+            state.finish_step()
+            opt.zero_grad()
+            reference_opt.zero_grad()
+            reference(x).backward()
+            reference_opt.step()
+            assert torch.equal(net.weight, reference.weight)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert state.bucket_updates == 3
+    for key, value in reference_opt.state[reference.weight].items():
+        assert torch.equal(opt.state[net.weight][key], value), key

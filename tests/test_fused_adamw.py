@@ -244,13 +244,15 @@ def test_low_precision_params_use_fp32_moments_and_match_across_backends(dtype, 
         assert (a != b).sum() <= max(1, a.numel() // 500)
 
 
-def test_stochastic_rounding_keeps_updates_below_half_a_bf16_ulp(monkeypatch):
-    use_backend("triton", monkeypatch)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_keeps_updates_below_half_a_bf16_ulp(backend, monkeypatch):
+    """Both paths round bf16 params stochastically: Triton's kernel, and on the torch path the lean step."""
+    use_backend(backend, monkeypatch)
     n, lr = 8192, 1e-3  # the bf16 ulp just below 1.0 is 2**-8 ~ 3.9e-3: a step of 1e-3 rounds back to 1.0
 
     def run(stochastic: bool, steps: int) -> torch.Tensor:
         p = torch.ones(n, dtype=torch.bfloat16, requires_grad=True)
-        opt = FusedAdamW([p], lr=lr, weight_decay=0.0, backend="triton", stochastic_rounding=stochastic)
+        opt = FusedAdamW([p], lr=lr, weight_decay=0.0, backend=backend, stochastic_rounding=stochastic)
         for _ in range(steps):
             p.grad = torch.ones(n, dtype=torch.bfloat16)  # Adam's step is then lr per element
             opt.step()
@@ -262,12 +264,6 @@ def test_stochastic_rounding_keeps_updates_below_half_a_bf16_ulp(monkeypatch):
         # Unbiased: the mean moves by lr per step (std of the mean ~2e-5 for 8192 elements).
         assert abs(values.mean().item() - (1.0 - steps * lr)) < 1.5e-4
         assert set(values.unique().tolist()) <= {1.0, 1.0 - 2**-8, 1.0 - 2 * 2**-8, 1.0 - 3 * 2**-8}
-
-
-def test_stochastic_rounding_on_the_torch_path_is_refused():
-    p = [nn.Parameter(torch.randn(4).bfloat16())]
-    with pytest.raises(SpecError, match="stochastic_rounding=True needs the Triton path"):
-        FusedAdamW(p, backend="torch", stochastic_rounding=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -499,3 +495,15 @@ def test_the_suggested_fixes_train(how, quiet_trainer_kwargs, gen):
     trainer = L.Trainer(**quiet_trainer_kwargs, max_steps=3, **kwargs)
     trainer.fit(model, _loader(gen))
     assert model.batches == 3 and trainer.global_step == 3
+
+
+def test_load_state_dict_keeps_the_optimizer_wide_settings(gen):
+    """torch's load_state_dict calls __setstate__ with state and groups only: clipping (and the rest)
+    must survive it, or a resumed run would silently stop clipping."""
+    p = nn.Parameter(torch.randn(8, generator=gen))
+    opt = FusedAdamW([p], max_grad_norm=0.5, rounding_seed=5, stochastic_rounding=True)
+    p.grad = torch.randn(8, generator=gen)
+    opt.step()
+    again = FusedAdamW([p], max_grad_norm=0.5, rounding_seed=5, stochastic_rounding=True)
+    again.load_state_dict(opt.state_dict())
+    assert (again.max_grad_norm, again.rounding_seed, again.stochastic_rounding) == (0.5, 5, True)

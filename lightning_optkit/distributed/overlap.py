@@ -2,7 +2,7 @@
 
 :func:`overlap_hook` is a DDP communication hook. It all-reduces (averages) one gradient bucket and,
 when that future completes, applies the AdamW update to that bucket's parameters: one multi-tensor
-launch per (bucket, param group), through :func:`lightning_optkit.kernels.adamw_step`. Buckets are
+launch per (bucket, param group), through ``FusedAdamW.update_group`` (the step's own update). Buckets are
 reduced while backward still runs for earlier layers, so the update of the last layers overlaps with
 the backward of the first ones instead of waiting for the whole backward to finish.
 
@@ -37,7 +37,6 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_optkit.errors import SpecError
-from lightning_optkit.kernels.functional import adamw_step
 from lightning_optkit.norms import clip_coefficient
 from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import flag, number
@@ -140,17 +139,8 @@ class OverlapState:
             ps.append(p)
             gs.append(g)
         for index, (ps, gs) in by_group.items():
-            group = opt.param_groups[index]
-            # FusedAdamW's own lazy state creation (the same format its step and state_dict use).
-            states = [opt._init_state(p, group["amsgrad"]) for p in ps]
-            beta1, beta2 = group["betas"]
-            adamw_step(
-                ps, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=scale, skip=skip,
-                backend=opt.backend, sr_seed=opt._sr_seed(ps[0].device),
-            )
+            # FusedAdamW's own per-group update (the same state layout, fused or lean, its step uses).
+            opt.update_group(opt.param_groups[index], ps, gs, grad_scale=scale, skip=skip)
         self.bucket_updates += 1
 
     def finish_step(self) -> None:

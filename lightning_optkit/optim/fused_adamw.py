@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
@@ -35,20 +36,23 @@ from lightning_optkit.kernels.dispatch import (
     triton_runs_on,
 )
 from lightning_optkit.kernels.functional import adamw_step, clip_coefficient, grad_norm
+from lightning_optkit.kernels.lean_adamw import LeanHyper, lean_adamw, state_kind
 from lightning_optkit.norms import combine_norms, tensor_norms
+from lightning_optkit.optim import lean_state
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.registry import register_optimizer
 from lightning_optkit.sharding import any_sharded, local_tensors
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", *lean_state.SCALE_KEYS)
 # Keys torch.optim.AdamW keeps in each param group; FusedAdamW keeps the same so that either optimizer
 # loads the other's state_dict. foreach/capturable/differentiable/fused are carried for that format only.
 _TORCH_ONLY_KEYS = {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
                     "decoupled_weight_decay": True}
 # Constructor options that apply to the whole optimizer (one clip over all groups, one backend choice, one
 # rounding mode); kept out of ``defaults`` so that a param group cannot appear to set them.
-_OPTIMIZER_WIDE = ("max_grad_norm", "backend", "stochastic_rounding")
+_LAYOUT_KEYS = ("state_dtype", "lean_min_numel")  # per-group settings kept out of state_dict (see state_dict)
+_OPTIMIZER_WIDE = ("max_grad_norm", "backend", "stochastic_rounding", "rounding_seed")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -72,7 +76,7 @@ COMPLEX_FIX = ("train it with torch.optim.AdamW ('adamw', which steps complex pa
 
 # Attributes set by FusedAdamW.__init__ that a deepcopy or pickle must carry (see __getstate__).
 _PICKLED_ATTRIBUTES = ("max_grad_norm", "backend", "stochastic_rounding", "skipped_steps", "last_grad_norm",
-                       "_sr_seed_host", "_sr_seeds")
+                       "_sr_seed_host", "_sr_seeds", "rounding_seed")
 
 
 @register_optimizer("fused_adamw")
@@ -88,8 +92,18 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"triton"`` or ``"torch"``.
             ``LIGHTNING_OPTKIT_BACKEND`` overrides ``"auto"``.
         stochastic_rounding: write bf16 parameters with stochastic rounding (unbiased, so updates
-            smaller than half a bf16 ulp are not lost). Needs the Triton path for the bf16 params;
-            other dtypes are written as usual.
+            smaller than half a bf16 ulp are not lost). bf16 params on the Triton path use its kernel;
+            on the torch path (CPU) they take the lean-state path, whose noise is seeded by
+            ``rounding_seed``. Other dtypes are written as usual.
+        state_dtype: how the moments are stored (per param group too): ``"float32"`` (default),
+            ``"bfloat16"`` (stochastic rounding, seeded) or ``"int8"`` (blockwise codes, one fp32
+            scale per 256 elements of a row, about 2.03 bytes per parameter for both moments). Math is
+            fp32 either way. Only parameters with >= 2 dims and >= ``lean_min_numel`` elements (the
+            global shape under FSDP2) get it; see :mod:`lightning_optkit.optim.lean_state`.
+        lean_min_numel: the element count from which ``state_dtype`` applies (per group too).
+        rounding_seed: the seed of the stochastic-rounding noise of the lean path: the noise is a hash
+            of (seed, step count, parameter index, element), so equal seeds give bit-identical runs
+            and a resumed run continues with the noise the uninterrupted one would have used.
 
     ``last_grad_norm`` holds the pre-clip global gradient norm of the last step as a device tensor
     (``None`` when the step did not compute it: no ``max_grad_norm`` and the skip decision came from
@@ -124,6 +138,9 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         backend: str = "auto",
         stochastic_rounding: bool = False,
+        state_dtype: str = "float32",
+        lean_min_numel: int = lean_state.DEFAULT_MIN_NUMEL,
+        rounding_seed: int = 0,
     ) -> None:
         _check_number("lr", lr, 0.0, tensor_ok=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -137,8 +154,13 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             validation.number("max_grad_norm", max_grad_norm, positive=True, strings=False,
                               fix="use a positive number, or None to disable in-step clipping")
         self.backend = check_backend(backend)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise SpecError("rounding_seed", rounding_seed, "give an integer seed", problem="is not an integer")
+        self.rounding_seed = rounding_seed
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, **_TORCH_ONLY_KEYS)
+                        maximize=maximize, state_dtype=lean_state.check_state_dtype("state_dtype", state_dtype),
+                        lean_min_numel=lean_state.check_min_numel("lean_min_numel", lean_min_numel),
+                        **_TORCH_ONLY_KEYS)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
@@ -147,7 +169,6 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         self.stochastic_rounding = bool(stochastic_rounding)
         self._sr_seeds: dict[torch.device, Tensor] = {}
         if self.stochastic_rounding:
-            self._check_stochastic_rounding_path()
             # Drawn from torch's RNG (so seeded runs repeat), and only when asked for, so that turning
             # the feature off leaves the user's random stream exactly as torch.optim.AdamW would.
             self._sr_seed_host = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
@@ -174,26 +195,16 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                 raise SpecError("params", f"param group {len(self.param_groups)}, parameter {i}: {p.dtype}, shape "
                                 f"{tuple(p.shape)}", COMPLEX_FIX, problem="is a complex parameter, which FusedAdamW "
                                 "cannot train")
+        group["state_dtype"] = lean_state.check_state_dtype("param group state_dtype", group["state_dtype"])
+        group["lean_min_numel"] = lean_state.check_min_numel("param group lean_min_numel", group["lean_min_numel"])
+        if group["amsgrad"] and group["state_dtype"] != "float32":
+            raise SpecError("amsgrad", True, "use amsgrad=False with lean state, or state_dtype='float32' for "
+                            "this group", problem=f"is not supported with state_dtype={group['state_dtype']!r}")
 
     def _advance_sr_seeds(self) -> None:
         """Move every stochastic-rounding seed on by one, on device: fresh noise for the next step."""
         for seed in self._sr_seeds.values():
             seed.add_(1)
-
-    def _check_stochastic_rounding_path(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype != torch.bfloat16:
-                    continue
-                try:
-                    path = select_backend(self.backend, p.device, p.dtype, lambda p=p: p.is_contiguous())
-                except ValueError:
-                    path = "torch"
-                if path != "triton":
-                    raise SpecError("stochastic_rounding", True, "train on CUDA with triton installed "
-                                    "(backend='auto' or 'triton'), or set stochastic_rounding=False",
-                                    problem=f"needs the Triton path, but bf16 params on {p.device} take the "
-                                    "torch path")
 
     def _sr_seed(self, device: torch.device) -> Tensor | None:
         """The per-device stochastic-rounding seed: a device counter advanced by every step."""
@@ -218,18 +229,24 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         state = dict(state)
         extra = {key: state.pop(key) for key in _PICKLED_ATTRIBUTES if key in state}
         super().__setstate__(state)
-        self.max_grad_norm = extra.get("max_grad_norm")
-        self.backend = extra.get("backend", "auto")
-        self.stochastic_rounding = extra.get("stochastic_rounding", False)
-        self.skipped_steps = extra.get("skipped_steps", torch.zeros((), dtype=torch.int64))
-        self.last_grad_norm = extra.get("last_grad_norm")
-        self._sr_seeds = extra.get("_sr_seeds", {})
+        # torch's load_state_dict calls this too, with only state and param_groups: settings the call does
+        # not carry keep their current values (an unpickled optimizer starts from the defaults).
+        current = self.__dict__
+        defaults = {"max_grad_norm": None, "backend": "auto", "stochastic_rounding": False, "last_grad_norm": None,
+                    "rounding_seed": 0}
+        for key, default in defaults.items():
+            setattr(self, key, extra.get(key, current.get(key, default)))
+        zero = torch.zeros((), dtype=torch.int64)
+        self.skipped_steps = extra.get("skipped_steps", current.get("skipped_steps", zero))
+        self._sr_seeds = extra.get("_sr_seeds", current.get("_sr_seeds", {}))
         if "_sr_seed_host" in extra:
             self._sr_seed_host = extra["_sr_seed_host"]
         self._path_log = PathLogger(type(self).__name__)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            group.setdefault("state_dtype", "float32")
+            group.setdefault("lean_min_numel", lean_state.DEFAULT_MIN_NUMEL)
             for key, value in _TORCH_ONLY_KEYS.items():
                 group.setdefault(key, value)
 
@@ -245,33 +262,53 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                                  "decoupled_weight_decay=False); FusedAdamW is AdamW: load it into "
                                  "torch.optim.Adam, or set weight_decay=0 in the checkpoint")
         # torch's loader casts every state tensor to its parameter's dtype, which would round the fp32
-        # moments of bf16/fp16 parameters; keep the checkpoint's tensors to restore them afterwards.
+        # moments of bf16/fp16 parameters and turn int8 codes into floats; keep the checkpoint's tensors
+        # to restore them afterwards, in the layout each parameter's group asks for.
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
-        own_params = [p for group in self.param_groups for p in group["params"]]
-        id_to_param = dict(zip(saved_ids, own_params))
+        own = [(p, group) for group in self.param_groups for p in group["params"]]
+        id_to_param = dict(zip(saved_ids, own))
         moments = {
             i: {k: v for k, v in st.items() if k in _MOMENT_KEYS and isinstance(v, Tensor)}
             for i, st in state_dict.get("state", {}).items()
         }
+        layouts = [{key: group[key] for key in _LAYOUT_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, layout in zip(self.param_groups, layouts):
             group["decoupled_weight_decay"] = True
+            group.update(layout)  # the layout is this optimizer's setting; the checkpoint holds values
         for i, saved in moments.items():
-            p = id_to_param.get(i)
+            p, group = id_to_param.get(i, (None, None))
             if p is None:
                 continue
             state = self.state[p]
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-            for key, value in saved.items():
-                state[key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
+            for key in _MOMENT_KEYS:
+                state.pop(key, None)
+            if "exp_avg" in saved:
+                state.update(lean_state.restore(p, lean_state.lean_kind(p, group), saved))
+            if "max_exp_avg_sq" in saved:
+                state["max_exp_avg_sq"] = saved["max_exp_avg_sq"].to(device=p.device, dtype=_state_dtype(p),
+                                                                     copy=True)
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with param groups in ``torch.optim.AdamW``'s keys.
+
+        ``state_dtype`` and ``lean_min_numel`` are settings of this optimizer, not state: they are left
+        out, and :meth:`load_state_dict` converts whatever layout a checkpoint holds into the one they ask
+        for. Lean state tensors keep their layout (int8 codes and scales, or bf16); for torch.optim.AdamW
+        convert with :func:`lightning_optkit.optim.lean_state.to_adamw_state_dict`.
+        """
+        out = super().state_dict()
+        out["param_groups"] = [{k: v for k, v in g.items() if k not in _LAYOUT_KEYS} for g in out["param_groups"]]
+        return out
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """``p``'s state, created on first use in the layout :func:`lean_state.lean_kind` decides."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
+            state.update(lean_state.new_state(p, lean_state.lean_kind(p, group)))
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p),
                                                        memory_format=torch.preserve_format)
         return state
@@ -285,7 +322,7 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
-                self._init_state(p, group["amsgrad"])
+                self._init_state(p, group)
                 params.append(p)
                 grads.append(p.grad)
             if params:
@@ -343,18 +380,61 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             self.skipped_steps = self.skipped_steps.to(device)
         self.skipped_steps.add_(skip.to(torch.int64))
         for group, params, grads in batches:
-            states = [self.state[p] for p in params]
-            beta1, beta2 = group["betas"]
-            # under FSDP2 the update is element-wise on each rank's shards (state is sharded like p)
-            adamw_step(
-                list(local_tensors(params)), list(local_tensors(grads)),
-                list(local_tensors([s["exp_avg"] for s in states])),
-                list(local_tensors([s["exp_avg_sq"] for s in states])),
-                list(local_tensors([s["max_exp_avg_sq"] for s in states])) if group["amsgrad"] else [],
-                [s["step"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=mult, skip=skip,
-                backend=self.backend, path_log=self._path_log, sr_seed=self._sr_seed(params[0].device),
-            )
+            self.update_group(group, params, grads, grad_scale=mult, skip=skip)
         self._advance_sr_seeds()
         return loss
+
+    def _salt(self, p: Tensor) -> int:
+        """``p``'s index among all parameters: tells tensors apart in the stochastic-rounding noise."""
+        salts = self.__dict__.get("_salts")
+        if salts is None or id(p) not in salts:
+            salts = self.__dict__["_salts"] = {id(q): i for i, q in enumerate(
+                q for g in self.param_groups for q in g["params"])}
+        return salts[id(p)]
+
+    def _takes_lean_path(self, p: Tensor, state: dict[str, Tensor]) -> bool:
+        if state_kind(state) != "float32":
+            return True
+        if not (self.stochastic_rounding and p.dtype == torch.bfloat16):
+            return False
+        try:  # bf16 params rounded stochastically: the Triton kernel where it runs, else the lean path
+            return select_backend(self.backend, p.device, p.dtype, lambda: p.is_contiguous()) != "triton"
+        except ValueError:
+            return True
+
+    def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], *,
+                     grad_scale: Tensor | None = None, skip: Tensor | None = None) -> None:
+        """The AdamW update of ``params`` (all of ``group``) from ``grads``, in place, with no host sync.
+
+        ``grad_scale`` multiplies the gradients (clip coefficient, 1/loss scale) and a nonzero ``skip``
+        leaves everything untouched (both 0-d device tensors or None). The step and the DDP overlap hook
+        both call this. fp32-state parameters take the fused kernels; lean ones the lean path.
+        """
+        states = [self._init_state(p, group) for p in params]
+        lean = [self._takes_lean_path(p, st) for p, st in zip(params, states)]
+        beta1, beta2 = group["betas"]
+        plain = [i for i, is_lean in enumerate(lean) if not is_lean]
+        if plain:
+            ps, gs, sts = [params[i] for i in plain], [grads[i] for i in plain], [states[i] for i in plain]
+            # under FSDP2 the update is element-wise on each rank's shards (state is sharded like p)
+            adamw_step(
+                list(local_tensors(ps)), list(local_tensors(gs)),
+                list(local_tensors([s["exp_avg"] for s in sts])),
+                list(local_tensors([s["exp_avg_sq"] for s in sts])),
+                list(local_tensors([s["max_exp_avg_sq"] for s in sts])) if group["amsgrad"] else [],
+                [s["step"] for s in sts],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=grad_scale, skip=skip,
+                backend=self.backend, path_log=self._path_log, sr_seed=self._sr_seed(ps[0].device),
+            )
+        chosen = [i for i, is_lean in enumerate(lean) if is_lean]
+        if chosen:
+            hyper = LeanHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], maximize=group["maximize"])
+            lean_adamw(
+                list(local_tensors([params[i] for i in chosen])), list(local_tensors([grads[i] for i in chosen])),
+                [{k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in states[i].items()} for i in chosen],
+                [self._salt(params[i]) for i in chosen], hyper, grad_scale=grad_scale, skip=skip,
+                seed=self.rounding_seed, stochastic_params=self.stochastic_rounding, backend=self.backend,
+                path_log=self._path_log,
+            )

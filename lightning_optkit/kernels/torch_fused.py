@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_optkit.optim.blocks import split_blocks
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -224,8 +226,9 @@ def torch_lion(
     copies, written back after. A skipped step leaves params and ``exp_avgs`` bit-identical, with no host sync.
     """
     (work_p, work_g, work_m), copied = _working_lists([params, grads, exp_avgs])
-    lion_lists(work_p, work_g, work_m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                maximize=maximize, grad_scale=grad_scale, skip=skip, grads_writable=not copied)
+    for _, (block_p, block_g, block_m) in split_blocks([work_p, work_g, work_m]):  # cache-sized pieces on CPU
+        lion_lists(block_p, block_g, block_m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                    maximize=maximize, grad_scale=grad_scale, skip=skip, grads_writable=not copied)
     if copied:
         _write_back([params, exp_avgs], [work_p, work_m])
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +47,7 @@ from torch import Tensor
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
+from lightning_optkit.optim.blocks import BLOCK_NUMEL, split_blocks
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.sharding import any_sharded, local_tensors
 
@@ -98,6 +99,10 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     scalar_state_names: ClassVar[tuple[str, ...]] = ()
     counts_steps: ClassVar[bool] = True
     fused_kernel: ClassVar[str | None] = None
+    #: True: ``_update`` iterates :meth:`_blocks` (cache-sized pieces; scale and skip applied per block)
+    blocked: ClassVar[bool] = False
+    block_numel: ClassVar[int] = BLOCK_NUMEL
+    _block_modifiers: tuple[Tensor | None, Tensor | None, bool] = (None, None, False)  # scale, skip, per_tensor
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **defaults: Any) -> None:
         defaults.setdefault("foreach", None)
@@ -224,6 +229,9 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
             # whole_tensor_norms gives a rule that needs them the norms of the whole tensors
             params, grads = list(local_tensors(params)), list(local_tensors(grads))
             lists = {name: list(local_tensors(ts)) for name, ts in lists.items()}
+        if self.blocked:
+            self._run_blocked(group, params, grads, lists, steps, scale, skip)
+            return
         if skip is not None:
             # Snapshot everything the rule writes (one foreach clone), update, then select old or new on
             # device: no host sync, and the old values come back bit for bit (NaN and -0.0 included).
@@ -232,15 +240,59 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         if scale is not None:
             # In place on p.grad (as GradientClipping does for other optimizers): no gradient-sized copy.
             torch._foreach_mul_(grads, scale.to(grads[0].device))
-        if steps and skip is not None:
-            # Counters advance by 0 or 1 on device (exact for these small integers): no snapshot needed.
-            # On a skipped step the rule sees the old count; its results are discarded by the select.
-            torch._foreach_add_(steps, (~skip).to(device=steps[0].device, dtype=steps[0].dtype))
-        elif steps:
-            torch._foreach_add_(steps, 1.0)
+        _advance(steps, skip)
         self._update(group, params, grads, lists, steps)
         if skip is not None:
             restore_if(skip.to(params[0].device), touched, saved)
+
+    def _run_blocked(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lists: dict[str, list[Tensor]],
+        steps: list[Tensor], scale: Tensor | None, skip: Tensor | None,
+    ) -> None:
+        """The step of a ``blocked`` rule: :meth:`_blocks` applies scale and skip block by block; here only
+        the 0-d scalar state is snapshotted (one clone of a few scalars) and the counters advanced."""
+        device = params[0].device
+        skip = None if skip is None else skip.to(device)
+        scalars = [t for name in self.scalar_state_names for t in lists[name]]
+        saved = torch._foreach_clone(scalars) if skip is not None and scalars else None
+        _advance(steps, skip)
+        per_tensor = device.type == "cpu"  # restore_if's choice, made once per step
+        self._block_modifiers = (None if scale is None else scale.to(device), skip, per_tensor)
+        try:
+            self._update(group, params, grads, lists, steps)
+        finally:
+            self._block_modifiers = (None, None, False)
+        if saved is not None:
+            restore_if(skip, scalars, saved, per_tensor=per_tensor)
+
+    def _blocks(
+        self, lists: dict[str, list[Tensor]], writes: tuple[str, ...], *, scale_grads: bool = True,
+        split: bool = True,
+    ) -> Iterator[tuple[list[int], dict[str, list[Tensor]]]]:
+        """Cache-sized blocks of the aligned ``lists`` (see :mod:`lightning_optkit.optim.blocks`) for a
+        ``blocked`` rule to update one after the other.
+
+        Yields ``(owners, views)``: ``views[name]`` are pieces of ``lists[name]``, ``owners`` the bucket index
+        of each piece (for :func:`~lightning_optkit.optim.blocks.pick`). With a pending grad scale the
+        ``"grad"`` pieces are multiplied in place first (``scale_grads``: the first pass over the grads
+        only); with a pending skip flag the pieces of ``writes`` are snapshotted before the block is
+        updated and selected back after it (bit for bit, no host sync), so a guarded step touches main
+        memory no more than a plain one. ``split=False`` keeps the lists whole (one block).
+        """
+        scale, skip, per_tensor = self._block_modifiers
+        names = list(lists)
+        columns = [lists[name] for name in names]
+        blocks = split_blocks(columns, self.block_numel) if split else [(list(range(len(columns[0]))), columns)]
+        for owners, views in blocks:
+            block = dict(zip(names, views))
+            if scale is not None and scale_grads:
+                torch._foreach_mul_(block["grad"], scale.to(block["grad"][0].dtype))
+            if skip is not None:
+                written = [t for name in writes for t in block[name]]
+                saved = torch._foreach_clone(written)
+            yield owners, block
+            if skip is not None:
+                restore_if(skip, written, saved, per_tensor=per_tensor)
 
     def whole_tensor_norms(self, tensors: list[Tensor]) -> list[Tensor]:
         """2-norms of per-parameter tensors of the bucket :meth:`_update` is updating, in order.
@@ -283,6 +335,15 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
             params, grads = list(local_tensors(params)), list(local_tensors(grads))
             state_lists = {name: list(local_tensors(ts)) for name, ts in state_lists.items()}
         kernel(group, params, grads, state_lists, scale, skip)
+
+
+def _advance(steps: list[Tensor], skip: Tensor | None) -> None:
+    """Counters advance by 0 or 1 on device (exact for these small integers): no snapshot needed. On a
+    skipped step the rule sees the old count; its results are discarded by the select."""
+    if steps and skip is not None:
+        torch._foreach_add_(steps, (~skip).to(device=steps[0].device, dtype=steps[0].dtype))
+    elif steps:
+        torch._foreach_add_(steps, 1.0)
 
 
 def scalar_dtype(p: Tensor) -> torch.dtype:

@@ -156,8 +156,8 @@ def lion_lists(
     over steps; here it only touches the small term); ``p -= lr * sign(lerp(g, m, b1))``;
     ``m = lerp(m, g, 1 - b2)``.
 
-    Per tensor, unguarded: 4 ops without weight decay (one allocates the direction), 7 with it (the
-    decay term is formed in the same scratch tensor first). ``skip`` adds a few in-place ops and no
+    Per tensor, unguarded: 4 ops without weight decay (one allocates the direction), 6 with it (the
+    decay term is formed in a second temporary first). ``skip`` adds a few in-place ops and no
     snapshot of the parameters: the decay term and the direction are set, on device, to +0.0 through
     their integer bit patterns (NaN-proof) and subtracted, and the new moment is formed in the scratch
     tensor and selected bitwise, so ``p - (+0.0)`` and the old moment leave every bit as it was (-0.0
@@ -186,11 +186,9 @@ def lion_lists(
         if keep_bits is not None:
             torch._foreach_mul_([t.view(bits_dtype) for t in scratch], keep_bits)  # skip: +0.0
         torch._foreach_add_(params, scratch, alpha=-1.0)
-        torch._foreach_copy_(scratch, grads)
-        torch._foreach_lerp_(scratch, exp_avgs, beta1)  # the direction b1*m + (1-b1)*g
-    else:
-        scratch = torch._foreach_lerp(grads, exp_avgs, beta1)  # b1*m + (1-b1)*g, the one allocation
-    direction = scratch
+    # the direction b1*m + (1-b1)*g: a fresh tensor is one op where refilling the scratch would be two (on CPU
+    # the lists are cache-sized blocks, so the allocation is small)
+    direction = torch._foreach_lerp(grads, exp_avgs, beta1)
     torch._foreach_sign_(direction)
     bits = [d.view(bits_dtype) for d in direction]
     if keep_bits is not None:

@@ -62,22 +62,25 @@ class Adan(KitOptimizer):
         stacked = torch.stack(steps)
         not_first = (stacked > 1).to(grads[0].dtype).unbind()
         bc1, bc2 = bias_correction(steps, beta1), bias_correction(steps, beta2)
-        bc3 = bias_correction(steps, beta3).unbind()
+        root_bc3 = bias_correction(steps, beta3).sqrt_()
         diff_weight = (beta2 * bc1 / bc2).unbind()
-        step_size = (-lr / bc1).unbind()
+        # sqrt(n/bc3) + eps = (sqrt(n) + eps*sqrt(bc3)) / sqrt(bc3), and the step size -lr/bc1 divides it:
+        # denom' = (sqrt(n) + eps') * inv_step with eps' = eps*sqrt(bc3), inv_step = -bc1/(lr*sqrt(bc3)).
+        scaled_eps = (root_bc3 * group["eps"]).unbind()
+        inv_step = (-bc1 / (root_bc3 * lr)).unbind() if lr != 0 else None
         lists = {"param": params, "grad": grads, **state}
         writes = ("param", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
         for owners, block in self._blocks(lists, writes):
-            self._update_block(group, block, pick(not_first, owners), pick(bc3, owners),
-                               pick(diff_weight, owners), pick(step_size, owners))
+            self._update_block(group, block, pick(not_first, owners), pick(diff_weight, owners),
+                               pick(scaled_eps, owners), None if inv_step is None else pick(inv_step, owners))
 
     @staticmethod
     def _update_block(
-        group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], bc3: list[Tensor],
-        diff_weight: list[Tensor], step_size: list[Tensor],
+        group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], diff_weight: list[Tensor],
+        scaled_eps: list[Tensor], inv_step: list[Tensor] | None,
     ) -> None:
-        """The rule on one cache-sized block (every temporary is block-sized)."""
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        """The rule on one cache-sized block: 14 ops, every temporary block-sized."""
+        lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2, beta3 = group["betas"]
         params, grads = block["param"], block["grad"]
         exp_avgs, exp_avg_diffs = block["exp_avg"], block["exp_avg_diff"]
@@ -93,18 +96,17 @@ class Adan(KitOptimizer):
         torch._foreach_mul_(exp_avg_sqs, beta3)
         torch._foreach_addcmul_(exp_avg_sqs, nesterov_grads, nesterov_grads, value=1.0 - beta3)
 
-        denom = torch._foreach_div(exp_avg_sqs, bc3)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        # lr/bc1 * m + lr*b2/bc2 * d, as (m + (b2*bc1/bc2) * d) * (lr/bc1): four passes instead of six.
-        numerator = torch._foreach_mul(exp_avg_diffs, diff_weight)
-        torch._foreach_add_(numerator, exp_avgs)
-        torch._foreach_mul_(numerator, step_size)
-
         # Decay as p - a*p rather than p * (1 - a) or p / (1 + a): in float32 the rounding of
         # (1 - a) would otherwise compound over steps; here it only touches the small term a*p.
         if group["no_prox"] and wd != 0:
             torch._foreach_add_(params, params, alpha=-lr * wd)
-        torch._foreach_addcdiv_(params, numerator, denom)
+        if inv_step is not None:  # lr = 0 moves nothing
+            # lr/bc1 * m + lr*b2/bc2 * d over sqrt(n/bc3) + eps, as (m + (b2*bc1/bc2) * d) / denom'
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denom, scaled_eps)
+            torch._foreach_mul_(denom, inv_step)
+            numerator = torch._foreach_mul(exp_avg_diffs, diff_weight)
+            torch._foreach_add_(numerator, exp_avgs)
+            torch._foreach_addcdiv_(params, numerator, denom)
         if not group["no_prox"] and wd != 0:
             torch._foreach_add_(params, params, alpha=-lr * wd / (1.0 + lr * wd))

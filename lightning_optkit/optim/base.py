@@ -283,6 +283,8 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         names = list(lists)
         columns = [lists[name] for name in names]
         blocks = split_blocks(columns, self.block_numel) if split else [(list(range(len(columns[0]))), columns)]
+        if not writes:
+            skip = None  # the rule applies the skip flag itself
         for owners, views in blocks:
             block = dict(zip(names, views))
             if scale is not None and scale_grads:

@@ -57,12 +57,15 @@ class LAMB(KitOptimizer):
         lists = {"param": params, "grad": grads, **state}
         # Under FSDP2 the rule sees local shards and the norms need one collective: keep the lists whole.
         split = not any_sharded(getattr(self, "_bucket_params", ()))
-        # Pass 1: the moments, then the direction u block by block, keeping each piece's norms (of p and u).
+        # Pass 1: the moments, then the direction u block by block (kept: block-sized pieces, together one
+        # temporary the size of the bucket, as the whole-list rule has), and each piece's norms (of p and u).
         pieces: list[int] = []
         param_norms: list[Tensor] = []
         update_norms: list[Tensor] = []
+        updates: list[list[Tensor]] = []
         for owners, block in self._blocks(lists, ("exp_avg", "exp_avg_sq"), split=split):
-            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners), moments=True)
+            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners))
+            updates.append(update)
             if split:
                 pieces += owners
                 param_norms += torch._foreach_norm(block["param"])
@@ -75,26 +78,22 @@ class LAMB(KitOptimizer):
         usable = (param_norm > 0) & (update_norm > 0)
         ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
         ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"]).unbind()
-        # Pass 2: the same direction again from the updated moments (bit-identical, computed in cache: cheaper
-        # than writing u to memory and reading it back), then p <- p - lr * r * u.
-        for owners, block in self._blocks(lists, ("param",), scale_grads=False, split=split):
-            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners), moments=False)
+        # Pass 2: p <- p - lr * r * u, block by block (the same blocks as pass 1).
+        blocks = self._blocks(lists, ("param",), scale_grads=False, split=split)  # the same lists: the same cuts
+        for (owners, block), update in zip(blocks, updates):
             torch._foreach_mul_(update, pick(ratio, owners))
             torch._foreach_add_(block["param"], update)
 
     @staticmethod
     def _direction(
-        group: dict[str, Any], block: dict[str, list[Tensor]], bc1: list[Tensor], bc2: list[Tensor], *,
-        moments: bool,
+        group: dict[str, Any], block: dict[str, list[Tensor]], bc1: list[Tensor], bc2: list[Tensor],
     ) -> list[Tensor]:
-        """``u = (m/bc1) / (sqrt(v/bc2) + eps) + wd*p`` on one block, after updating m and v if ``moments``."""
+        """Update m and v on one block, then ``u = (m/bc1) / (sqrt(v/bc2) + eps) + wd*p``."""
         beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs = block["exp_avg"], block["exp_avg_sq"]
-        if moments:
-            grads = block["grad"]
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        exp_avgs, exp_avg_sqs, grads = block["exp_avg"], block["exp_avg_sq"], block["grad"]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_div(exp_avg_sqs, bc2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])

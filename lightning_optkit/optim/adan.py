@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, flag, non_negative
-from lightning_optkit.optim.blocks import pick
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
 
 
@@ -74,9 +74,8 @@ class Adan(KitOptimizer):
             self._update_block(group, block, pick(not_first, owners), pick(diff_weight, owners),
                                pick(scaled_eps, owners), None if inv_step is None else pick(inv_step, owners))
 
-    @staticmethod
     def _update_block(
-        group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], diff_weight: list[Tensor],
+        self, group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], diff_weight: list[Tensor],
         scaled_eps: list[Tensor], inv_step: list[Tensor] | None,
     ) -> None:
         """The rule on one cache-sized block: 14 ops, every temporary block-sized."""
@@ -86,13 +85,14 @@ class Adan(KitOptimizer):
         exp_avgs, exp_avg_diffs = block["exp_avg"], block["exp_avg_diff"]
         exp_avg_sqs, prev_grads = block["exp_avg_sq"], block["prev_grad"]
 
-        diffs = torch._foreach_sub(grads, prev_grads)
+        diff_out, nesterov_out = self._temporaries(block, 2)
+        diffs = fresh(diff_out, torch._foreach_sub, torch.sub, grads, prev_grads)
         torch._foreach_mul_(diffs, not_first)
         torch._foreach_copy_(prev_grads, grads)
 
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_lerp_(exp_avg_diffs, diffs, 1.0 - beta2)
-        nesterov_grads = torch._foreach_add(grads, diffs, alpha=beta2)
+        nesterov_grads = fresh(nesterov_out, torch._foreach_add, torch.add, grads, diffs, alpha=beta2)
         torch._foreach_mul_(exp_avg_sqs, beta3)
         torch._foreach_addcmul_(exp_avg_sqs, nesterov_grads, nesterov_grads, value=1.0 - beta3)
 
@@ -102,10 +102,10 @@ class Adan(KitOptimizer):
             torch._foreach_add_(params, params, alpha=-lr * wd)
         if inv_step is not None:  # lr = 0 moves nothing
             # lr/bc1 * m + lr*b2/bc2 * d over sqrt(n/bc3) + eps, as (m + (b2*bc1/bc2) * d) / denom'
-            denom = torch._foreach_sqrt(exp_avg_sqs)
+            denom = fresh(diff_out, torch._foreach_sqrt, torch.sqrt, exp_avg_sqs)  # (diffs are done with)
             torch._foreach_add_(denom, scaled_eps)
             torch._foreach_mul_(denom, inv_step)
-            numerator = torch._foreach_mul(exp_avg_diffs, diff_weight)
+            numerator = fresh(nesterov_out, torch._foreach_mul, torch.mul, exp_avg_diffs, diff_weight)
             torch._foreach_add_(numerator, exp_avgs)
             torch._foreach_addcdiv_(params, numerator, denom)
         if not group["no_prox"] and wd != 0:

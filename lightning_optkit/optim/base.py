@@ -47,7 +47,7 @@ from torch import Tensor
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
-from lightning_optkit.optim.blocks import BLOCK_NUMEL, split_blocks
+from lightning_optkit.optim.blocks import BLOCK_NUMEL, Scratch, split_blocks
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.sharding import any_sharded, local_tensors
 
@@ -291,10 +291,31 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
                 torch._foreach_mul_(block["grad"], scale.to(block["grad"][0].dtype))
             if skip is not None:
                 written = [t for name in writes for t in block[name]]
-                saved = torch._foreach_clone(written)
+                rows = self._scratch("_snapshot_scratch").take(block[writes[0]], len(writes))
+                if rows[0] is None:
+                    saved = torch._foreach_clone(written)
+                else:  # a one-piece block: into persistent buffers (no fresh mapping per block)
+                    saved = rows
+                    torch._foreach_copy_(saved, written)
             yield owners, block
             if skip is not None:
                 restore_if(skip, written, saved, per_tensor=per_tensor)
+
+    def _scratch(self, name: str = "_rule_scratch") -> Scratch:
+        """Persistent block-sized buffers (not optimizer state: no checkpoint carries them)."""
+        scratch = self.__dict__.get(name)
+        if scratch is None:
+            scratch = Scratch(self.block_numel)
+            setattr(self, name, scratch)
+        return scratch
+
+    def _temporaries(self, block: dict[str, list[Tensor]], count: int) -> list[Tensor | None]:
+        """``count`` temporaries for a rule on ``block`` (see :func:`~lightning_optkit.optim.blocks.fresh`)."""
+        return self._scratch().take(block["param"], count)
+
+    def scratch_nbytes(self) -> int:
+        """Bytes of persistent scratch this optimizer holds besides its state (block buffers)."""
+        return sum(self._scratch(name).nbytes() for name in ("_rule_scratch", "_snapshot_scratch"))
 
     def whole_tensor_norms(self, tensors: list[Tensor]) -> list[Tensor]:
         """2-norms of per-parameter tensors of the bucket :meth:`_update` is updating, in order.

@@ -14,13 +14,16 @@ stay whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
-#: Elements per block and list: 64K fp32 = 256 KiB, so a rule's ~6 inputs and ~3 temporaries fit the
-#: 1-2 MiB L2 of one core (measured on 2 cores: 64K-256K within noise of each other, 2x the whole-list rule).
-BLOCK_NUMEL = 1 << 16
+#: Elements per block and list: 128K fp32 = 512 KiB per list, so a rule's ~6 inputs and ~3 temporaries stay
+#: in L2/L3 (measured on this project's 2-core machine, 1 MiB L2 per core, 8 MiB L3: 64K-256K within noise of
+#: each other and about 2x the whole-list rule at 20M params; 16K and 32K lose to per-op overhead).
+BLOCK_NUMEL = 1 << 17
 
 Block = tuple[list[int], list[list[Tensor]]]
 
@@ -69,3 +72,43 @@ def pick(values: Sequence[Tensor], owners: Sequence[int]) -> list[Tensor]:
 def is_split(blocks: Sequence[Block], count: int) -> bool:
     """Whether ``blocks`` cut the lists at all (False: one block holding the ``count`` whole tensors)."""
     return not (len(blocks) == 1 and len(blocks[0][0]) == count)
+
+
+class Scratch:
+    """Persistent block-sized buffers for a rule's temporaries, per (device, dtype).
+
+    A fresh tensor above glibc's mmap threshold (128 KiB) is a fresh mapping: measured 4x the cost of the
+    same op in place, all page faults. A block that is one flat piece takes its temporaries from here (views
+    of ``count`` buffers of :data:`BLOCK_NUMEL` elements, allocated once: ``count`` x 512 KiB in fp32);
+    a block of several small tensors allocates them (small allocations come from the heap, cheaply).
+    """
+
+    def __init__(self, block_numel: int = BLOCK_NUMEL) -> None:
+        self.block_numel = block_numel
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def take(self, pieces: Sequence[Tensor], count: int) -> list[Tensor | None]:
+        """``count`` temporaries shaped like the block's only piece, or Nones (allocate) for other blocks."""
+        if len(pieces) != 1 or pieces[0].dim() != 1 or pieces[0].numel() > self.block_numel:
+            return [None] * count
+        piece = pieces[0]
+        key = (piece.device, piece.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < count:
+            buffer = self._buffers[key] = torch.empty(count, self.block_numel, device=piece.device, dtype=piece.dtype)
+        return [row[: piece.numel()] for row in buffer[:count]]
+
+    def nbytes(self) -> int:
+        """Bytes held (for benchmarks' memory columns)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def fresh(out: Tensor | None, foreach_op: Callable[..., list[Tensor]], op: Callable[..., Tensor], *args: Any,
+          **kwargs: Any) -> list[Tensor]:
+    """``foreach_op(*args)`` (fresh tensors), or for a one-piece block ``[op(*firsts, out=out)]``: the same
+    kernel per element (on CPU a foreach op runs ``op`` per tensor), so the same bits, without an allocation.
+    ``args`` are lists (their first element is taken) or plain values."""
+    if out is None:
+        return foreach_op(*args, **kwargs)
+    firsts = [a[0] if isinstance(a, (list, tuple)) else a for a in args]
+    return [op(*firsts, out=out, **kwargs)]

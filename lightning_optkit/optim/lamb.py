@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
-from lightning_optkit.optim.blocks import pick
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
 from lightning_optkit.sharding import any_sharded
 
@@ -54,17 +54,22 @@ class LAMB(KitOptimizer):
     ) -> None:
         bc1 = bias_correction(steps, group["betas"][0]).unbind()
         bc2 = bias_correction(steps, group["betas"][1]).unbind()
-        lists = {"param": params, "grad": grads, **state}
         # Under FSDP2 the rule sees local shards and the norms need one collective: keep the lists whole.
         split = not any_sharded(getattr(self, "_bucket_params", ()))
-        # Pass 1: the moments, then the direction u block by block (kept: block-sized pieces, together one
-        # temporary the size of the bucket, as the whole-list rule has), and each piece's norms (of p and u).
+        # u goes into a persistent buffer per parameter (4 bytes per fp32 param, allocated once; not state):
+        # pieces cut like the others. A gradient-sized fresh tensor per step would be page faults.
+        lists = {"param": params, "grad": grads, **state}
+        if split:
+            lists["update"] = self._update_buffers(params)
+        # Pass 1: the moments, then the direction u block by block (kept for pass 2), and each piece's norms
+        # (of p and u).
         pieces: list[int] = []
         param_norms: list[Tensor] = []
         update_norms: list[Tensor] = []
         updates: list[list[Tensor]] = []
         for owners, block in self._blocks(lists, ("exp_avg", "exp_avg_sq"), split=split):
-            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners))
+            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners),
+                                     self._temporaries(block, 1)[0])
             updates.append(update)
             if split:
                 pieces += owners
@@ -84,9 +89,25 @@ class LAMB(KitOptimizer):
             torch._foreach_mul_(update, pick(ratio, owners))
             torch._foreach_add_(block["param"], update)
 
+    def _update_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        buffers = self.__dict__.setdefault("_updates", {})
+        out = []
+        for p in params:
+            buffer = buffers.get(p)
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype:
+                buffer = buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(buffer)
+        return out
+
+    def scratch_nbytes(self) -> int:
+        """Block buffers plus the per-parameter direction buffers."""
+        updates = self.__dict__.get("_updates", {}).values()
+        return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in updates)
+
     @staticmethod
     def _direction(
         group: dict[str, Any], block: dict[str, list[Tensor]], bc1: list[Tensor], bc2: list[Tensor],
+        scratch: Tensor | None,
     ) -> list[Tensor]:
         """Update m and v on one block, then ``u = (m/bc1) / (sqrt(v/bc2) + eps) + wd*p``."""
         beta1, beta2 = group["betas"]
@@ -94,10 +115,11 @@ class LAMB(KitOptimizer):
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        denom = fresh(scratch, torch._foreach_div, torch.div, exp_avg_sqs, bc2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, bc1)
+        out = block["update"][0] if len(exp_avgs) == 1 and "update" in block else None
+        update = fresh(out, torch._foreach_div, torch.div, exp_avgs, bc1)
         torch._foreach_div_(update, denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, block["param"], alpha=group["weight_decay"])

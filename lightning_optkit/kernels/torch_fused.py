@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_optkit.optim.blocks import split_blocks
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -151,11 +153,11 @@ def lion_lists(
     The one sequence of operations both Lion paths run (``Lion()``'s foreach rule calls it with no scale
     or skip, ``Lion(fused=True)`` on the torch backend with them), so the two agree bit for bit:
     ``p -= (lr*wd) * p`` (not ``p *= 1 - lr*wd``: in float32 the rounding of ``1 - lr*wd`` would compound
-    over steps; here it only touches the small term); ``p -= lr * sign(lerp(g, m, b1))``;
+    over steps; here it only touches the small term); ``p -= lr * sign(lerp(m, g, 1 - b1))``;
     ``m = lerp(m, g, 1 - b2)``.
 
-    Per tensor, unguarded: 4 ops without weight decay (one allocates the direction), 7 with it (the
-    decay term is formed in the same scratch tensor first). ``skip`` adds a few in-place ops and no
+    Per tensor, unguarded: 4 ops without weight decay (one allocates the direction), 6 with it (the
+    decay term is formed in a second temporary first). ``skip`` adds a few in-place ops and no
     snapshot of the parameters: the decay term and the direction are set, on device, to +0.0 through
     their integer bit patterns (NaN-proof) and subtracted, and the new moment is formed in the scratch
     tensor and selected bitwise, so ``p - (+0.0)`` and the old moment leave every bit as it was (-0.0
@@ -184,11 +186,10 @@ def lion_lists(
         if keep_bits is not None:
             torch._foreach_mul_([t.view(bits_dtype) for t in scratch], keep_bits)  # skip: +0.0
         torch._foreach_add_(params, scratch, alpha=-1.0)
-        torch._foreach_copy_(scratch, grads)
-        torch._foreach_lerp_(scratch, exp_avgs, beta1)  # the direction b1*m + (1-b1)*g
-    else:
-        scratch = torch._foreach_lerp(grads, exp_avgs, beta1)  # b1*m + (1-b1)*g, the one allocation
-    direction = scratch
+    # the direction b1*m + (1-b1)*g as lerp(m, g, 1-b1), the peers' form (pytorch-optimizer, lion-pytorch's
+    # foreach Lion: bit for bit without weight decay); a fresh tensor is one op where refilling the scratch would
+    # be two (on CPU the lists are cache-sized blocks, so the allocation is small)
+    direction = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_sign_(direction)
     bits = [d.view(bits_dtype) for d in direction]
     if keep_bits is not None:
@@ -224,8 +225,9 @@ def torch_lion(
     copies, written back after. A skipped step leaves params and ``exp_avgs`` bit-identical, with no host sync.
     """
     (work_p, work_g, work_m), copied = _working_lists([params, grads, exp_avgs])
-    lion_lists(work_p, work_g, work_m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                maximize=maximize, grad_scale=grad_scale, skip=skip, grads_writable=not copied)
+    for _, (block_p, block_g, block_m) in split_blocks([work_p, work_g, work_m]):  # cache-sized pieces on CPU
+        lion_lists(block_p, block_g, block_m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                    maximize=maximize, grad_scale=grad_scale, skip=skip, grads_writable=not copied)
     if copied:
         _write_back([params, exp_avgs], [work_p, work_m])
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, flag, non_negative
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
 
 
@@ -36,6 +37,7 @@ class Adan(KitOptimizer):
         "no_prox": flag,
     }
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    blocked = True
 
     def __init__(
         self,
@@ -54,36 +56,57 @@ class Adan(KitOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
         state: dict[str, list[Tensor]], steps: list[Tensor],
     ) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        lr = group["lr"]
         beta1, beta2, beta3 = group["betas"]
-        exp_avgs, exp_avg_diffs = state["exp_avg"], state["exp_avg_diff"]
-        exp_avg_sqs, prev_grads = state["exp_avg_sq"], state["prev_grad"]
-
+        # Per-tensor scalars, once for the bucket (0-d tensors: no host sync).
         stacked = torch.stack(steps)
         not_first = (stacked > 1).to(grads[0].dtype).unbind()
-        diffs = torch._foreach_sub(grads, prev_grads)
+        bc1, bc2 = bias_correction(steps, beta1), bias_correction(steps, beta2)
+        root_bc3 = bias_correction(steps, beta3).sqrt_()
+        diff_weight = (beta2 * bc1 / bc2).unbind()
+        # sqrt(n/bc3) + eps = (sqrt(n) + eps*sqrt(bc3)) / sqrt(bc3), and the step size -lr/bc1 divides it:
+        # denom' = (sqrt(n) + eps') * inv_step with eps' = eps*sqrt(bc3), inv_step = -bc1/(lr*sqrt(bc3)).
+        scaled_eps = (root_bc3 * group["eps"]).unbind()
+        inv_step = (-bc1 / (root_bc3 * lr)).unbind() if lr != 0 else None
+        lists = {"param": params, "grad": grads, **state}
+        writes = ("param", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+        for owners, block in self._blocks(lists, writes):
+            self._update_block(group, block, pick(not_first, owners), pick(diff_weight, owners),
+                               pick(scaled_eps, owners), None if inv_step is None else pick(inv_step, owners))
+
+    def _update_block(
+        self, group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], diff_weight: list[Tensor],
+        scaled_eps: list[Tensor], inv_step: list[Tensor] | None,
+    ) -> None:
+        """The rule on one cache-sized block: 14 ops, every temporary block-sized."""
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2, beta3 = group["betas"]
+        params, grads = block["param"], block["grad"]
+        exp_avgs, exp_avg_diffs = block["exp_avg"], block["exp_avg_diff"]
+        exp_avg_sqs, prev_grads = block["exp_avg_sq"], block["prev_grad"]
+
+        diff_out, nesterov_out = self._temporaries(block, 2)
+        diffs = fresh(diff_out, torch._foreach_sub, torch.sub, grads, prev_grads)
         torch._foreach_mul_(diffs, not_first)
+        torch._foreach_copy_(prev_grads, grads)
 
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_lerp_(exp_avg_diffs, diffs, 1.0 - beta2)
-        nesterov_grads = torch._foreach_add(grads, diffs, alpha=beta2)
+        nesterov_grads = fresh(nesterov_out, torch._foreach_add, torch.add, grads, diffs, alpha=beta2)
         torch._foreach_mul_(exp_avg_sqs, beta3)
         torch._foreach_addcmul_(exp_avg_sqs, nesterov_grads, nesterov_grads, value=1.0 - beta3)
-
-        bc1, bc2 = bias_correction(steps, beta1), bias_correction(steps, beta2)
-        denom = torch._foreach_div(exp_avg_sqs, bias_correction(steps, beta3).unbind())
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        # lr/bc1 * m + lr*b2/bc2 * d, as (m + (b2*bc1/bc2) * d) * (lr/bc1): four passes instead of six.
-        numerator = torch._foreach_mul(exp_avg_diffs, (beta2 * bc1 / bc2).unbind())
-        torch._foreach_add_(numerator, exp_avgs)
-        torch._foreach_mul_(numerator, (-lr / bc1).unbind())
 
         # Decay as p - a*p rather than p * (1 - a) or p / (1 + a): in float32 the rounding of
         # (1 - a) would otherwise compound over steps; here it only touches the small term a*p.
         if group["no_prox"] and wd != 0:
             torch._foreach_add_(params, params, alpha=-lr * wd)
-        torch._foreach_addcdiv_(params, numerator, denom)
+        if inv_step is not None:  # lr = 0 moves nothing
+            # lr/bc1 * m + lr*b2/bc2 * d over sqrt(n/bc3) + eps, as (m + (b2*bc1/bc2) * d) / denom'
+            denom = fresh(diff_out, torch._foreach_sqrt, torch.sqrt, exp_avg_sqs)  # (diffs are done with)
+            torch._foreach_add_(denom, scaled_eps)
+            torch._foreach_mul_(denom, inv_step)
+            numerator = fresh(nesterov_out, torch._foreach_mul, torch.mul, exp_avg_diffs, diff_weight)
+            torch._foreach_add_(numerator, exp_avgs)
+            torch._foreach_addcdiv_(params, numerator, denom)
         if not group["no_prox"] and wd != 0:
             torch._foreach_add_(params, params, alpha=-lr * wd / (1.0 + lr * wd))
-        torch._foreach_copy_(prev_grads, grads)

@@ -10,7 +10,9 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
+from lightning_optkit.sharding import any_sharded
 
 
 @register_optimizer("lamb")
@@ -29,6 +31,7 @@ class LAMB(KitOptimizer):
 
     validators = {"lr": non_negative, "betas": betas(2), "eps": non_negative, "weight_decay": non_negative}
     state_names = ("exp_avg", "exp_avg_sq")
+    blocked = True
 
     def __init__(
         self,
@@ -49,26 +52,86 @@ class LAMB(KitOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
         state: dict[str, list[Tensor]], steps: list[Tensor],
     ) -> None:
+        bc1 = bias_correction(steps, group["betas"][0]).unbind()
+        bc2 = bias_correction(steps, group["betas"][1]).unbind()
+        # Under FSDP2 the rule sees local shards and the norms need one collective: keep the lists whole.
+        split = not any_sharded(getattr(self, "_bucket_params", ()))
+        # u goes into a persistent buffer per parameter (4 bytes per fp32 param, allocated once; not state):
+        # pieces cut like the others. A gradient-sized fresh tensor per step would be page faults.
+        lists = {"param": params, "grad": grads, **state}
+        if split:
+            lists["update"] = self._update_buffers(params)
+        # Pass 1: the moments, then the direction u block by block (kept for pass 2), and each piece's norms
+        # (of p and u).
+        pieces: list[int] = []
+        param_norms: list[Tensor] = []
+        update_norms: list[Tensor] = []
+        updates: list[list[Tensor]] = []
+        for owners, block in self._blocks(lists, ("exp_avg", "exp_avg_sq"), split=split):
+            update = self._direction(group, block, pick(bc1, owners), pick(bc2, owners),
+                                     self._temporaries(block, 1)[0])
+            updates.append(update)
+            if split:
+                pieces += owners
+                param_norms += torch._foreach_norm(block["param"])
+                update_norms += torch._foreach_norm(update)
+            else:
+                norms = self.whole_tensor_norms([*block["param"], *update])  # whole tensors: one collective
+                param_norms, update_norms = norms[:len(params)], norms[len(params):]
+        param_norm = _per_tensor_norm(param_norms, pieces, len(params))
+        update_norm = _per_tensor_norm(update_norms, pieces, len(params))
+        usable = (param_norm > 0) & (update_norm > 0)
+        ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
+        ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"]).unbind()
+        # Pass 2: p <- p - lr * r * u, block by block (the same blocks as pass 1).
+        blocks = self._blocks(lists, ("param",), scale_grads=False, split=split)  # the same lists: the same cuts
+        for (owners, block), update in zip(blocks, updates):
+            torch._foreach_mul_(update, pick(ratio, owners))
+            torch._foreach_add_(block["param"], update)
+
+    def _update_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        buffers = self.__dict__.setdefault("_updates", {})
+        out = []
+        for p in params:
+            buffer = buffers.get(p)
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype:
+                buffer = buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(buffer)
+        return out
+
+    def scratch_nbytes(self) -> int:
+        """Block buffers plus the per-parameter direction buffers."""
+        updates = self.__dict__.get("_updates", {}).values()
+        return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in updates)
+
+    @staticmethod
+    def _direction(
+        group: dict[str, Any], block: dict[str, list[Tensor]], bc1: list[Tensor], bc2: list[Tensor],
+        scratch: Tensor | None,
+    ) -> list[Tensor]:
+        """Update m and v on one block, then ``u = (m/bc1) / (sqrt(v/bc2) + eps) + wd*p``."""
         beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        exp_avgs, exp_avg_sqs, grads = block["exp_avg"], block["exp_avg_sq"], block["grad"]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-
-        bc1 = bias_correction(steps, beta1).unbind()
-        bc2 = bias_correction(steps, beta2).unbind()
-        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        denom = fresh(scratch, torch._foreach_div, torch.div, exp_avg_sqs, bc2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, bc1)
+        out = block["update"][0] if len(exp_avgs) == 1 and "update" in block else None
+        update = fresh(out, torch._foreach_div, torch.div, exp_avgs, bc1)
         torch._foreach_div_(update, denom)
         if group["weight_decay"] != 0:
-            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            torch._foreach_add_(update, block["param"], alpha=group["weight_decay"])
+        return update
 
-        norms = self.whole_tensor_norms([*params, *update])  # whole tensors under FSDP2: one collective
-        param_norm, update_norm = torch.stack(norms[:len(params)]), torch.stack(norms[len(params):])
-        usable = (param_norm > 0) & (update_norm > 0)
-        ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
-        ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"])
-        torch._foreach_mul_(update, ratio.unbind())
-        torch._foreach_add_(params, update)
+
+def _per_tensor_norm(norms: list[Tensor], pieces: list[int], count: int) -> Tensor:
+    """Per-tensor 2-norms from the norms of their pieces (``pieces[j]``: the tensor of ``norms[j]``); a tensor
+    in one piece keeps its norm exactly. ``pieces`` empty: ``norms`` are already per tensor."""
+    stacked = torch.stack(norms)
+    if not pieces or len(pieces) == count:
+        return stacked
+    owners = torch.tensor(pieces, device=stacked.device)
+    squares = torch.zeros(count, dtype=stacked.dtype, device=stacked.device)
+    return squares.index_add_(0, owners, stacked.square()).sqrt_()

@@ -32,6 +32,7 @@ class Lion(KitOptimizer):
     validators = {"lr": non_negative, "betas": betas(2), "weight_decay": non_negative}
     state_names = ("exp_avg",)
     counts_steps = False
+    blocked = True
     fused_kernel = "lion_fused_step"
 
     def __init__(
@@ -51,6 +52,8 @@ class Lion(KitOptimizer):
         state: dict[str, list[Tensor]], steps: list[Tensor],
     ) -> None:
         beta1, beta2 = group["betas"]
-        # The same foreach operations as fused=True on the torch backend, so both paths agree bit for bit.
-        lion_lists(params, grads, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                   weight_decay=group["weight_decay"])
+        lists = {"param": params, "grad": grads, "exp_avg": state["exp_avg"]}
+        for _, block in self._blocks(lists, ("param", "exp_avg")):
+            # The same foreach operations as fused=True on the torch backend, so both paths agree bit for bit.
+            lion_lists(block["param"], block["grad"], block["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                       weight_decay=group["weight_decay"])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_optkit import validation
 from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative, scalar_dtype
+from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
 
 
@@ -47,6 +48,7 @@ class ScheduleFreeAdamW(KitOptimizer):
     }
     state_names = ("z", "exp_avg_sq")
     scalar_state_names = ("weight_sum", "lr_max")
+    blocked = True
 
     def __init__(
         self,
@@ -134,17 +136,34 @@ class ScheduleFreeAdamW(KitOptimizer):
         torch._foreach_copy_(lr_maxes, lr_max.unbind())
         torch._foreach_copy_(weight_sums, weight_sum.unbind())
 
+        bc2 = bias_correction(steps, beta2).unbind()
+        weight = ckp1.to(params[0].dtype).unbind()
+        y_coef = (lr * (beta1 * (1.0 - ckp1) - 1.0)).unbind()
+        z_coef = lr.neg().unbind()
+        lists = {"param": params, "grad": grads, "z": zs, "exp_avg_sq": exp_avg_sqs}
+        for owners, block in self._blocks(lists, ("param", "z", "exp_avg_sq")):
+            self._update_block(group, block, pick(bc2, owners), pick(weight, owners), pick(y_coef, owners),
+                               pick(z_coef, owners))
+
+    def _update_block(
+        self, group: dict[str, Any], block: dict[str, list[Tensor]], bc2: list[Tensor], weight: list[Tensor],
+        y_coef: list[Tensor], z_coef: list[Tensor],
+    ) -> None:
+        """The rule on one cache-sized block (every temporary is block-sized)."""
+        beta2 = group["betas"][1]
+        params, grads, zs, exp_avg_sqs = block["param"], block["grad"], block["z"], block["exp_avg_sq"]
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(exp_avg_sqs, bias_correction(steps, beta2).unbind())
+        first, second = self._temporaries(block, 2)
+        denom = fresh(first, torch._foreach_div, torch.div, exp_avg_sqs, bc2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        normalized = torch._foreach_div(grads, denom)
+        normalized = fresh(second, torch._foreach_div, torch.div, grads, denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(normalized, params, alpha=group["weight_decay"])
 
-        torch._foreach_lerp_(params, zs, ckp1.to(params[0].dtype).unbind())
-        y_step = torch._foreach_mul(normalized, (lr * (beta1 * (1.0 - ckp1) - 1.0)).unbind())
+        torch._foreach_lerp_(params, zs, weight)
+        y_step = fresh(first, torch._foreach_mul, torch.mul, normalized, y_coef)  # (denom is done with)
         torch._foreach_add_(params, y_step)
-        torch._foreach_mul_(normalized, lr.neg().unbind())
+        torch._foreach_mul_(normalized, z_coef)
         torch._foreach_add_(zs, normalized)

@@ -125,10 +125,14 @@ def test_bf16_moments_are_a_bf16_neighbour_of_the_float64_update(gen):
         v0 = opt.state[p]["exp_avg_sq"].double() if step > 1 else torch.zeros(p.shape, dtype=torch.float64)
         g = p.grad.double()
         opt.step()
-        for got, exact in ((opt.state[p]["exp_avg"], BETAS[0] * m0 + (1 - BETAS[0]) * g),
-                           (opt.state[p]["exp_avg_sq"], BETAS[1] * v0 + (1 - BETAS[1]) * g * g)):
+        terms = ((BETAS[0] * m0, (1 - BETAS[0]) * g), (BETAS[1] * v0, (1 - BETAS[1]) * g * g))
+        for got, (old, new) in zip((opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]), terms, strict=True):
+            exact = old + new
             ulp = (exact.abs().float().view(torch.int32) >> 16 << 16).view(torch.float32).double() * 2**-7
-            assert ((got.double() - exact).abs() <= ulp * 1.001 + 1e-30).all()
+            # the EMA is computed in fp32: its rounding (a few fp32 ulps of the terms) shows where the terms
+            # nearly cancel (a result of 2e-7 from terms of 0.1: measured 2 of 31 seeds), then one bf16 step
+            fp32_math = 2**-22 * (old.abs() + new.abs())
+            assert ((got.double() - exact).abs() <= ulp * 1.001 + fp32_math + 1e-30).all()
             assert got.dtype == torch.bfloat16
 
 

@@ -8,7 +8,6 @@ Public steps (one kernel launch per (device, dtype) group, no host sync): :func:
 from lightning_optkit.kernels.dispatch import BACKEND_ENV, select_backend
 from lightning_optkit.kernels.functional import (
     adamw_step,
-    clip_coefficient,
     grad_norm,
     grad_sum_of_squares,
     lion_step,
@@ -19,7 +18,6 @@ from lightning_optkit.kernels.hooks import lion_fused_step, momentum_sgd_fused_s
 __all__ = [
     "BACKEND_ENV",
     "adamw_step",
-    "clip_coefficient",
     "grad_norm",
     "grad_sum_of_squares",
     "lion_fused_step",

@@ -10,7 +10,6 @@ leave gradients as they are. ``backend`` is ``"auto"``, ``"torch"`` or ``"triton
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -18,7 +17,6 @@ import torch
 
 from lightning_optkit.kernels import torch_fused
 from lightning_optkit.kernels.dispatch import PathLogger, select_backend
-from lightning_optkit.norms import clip_coefficient as norm_clip_coefficient
 
 _log_path = PathLogger("lightning_optkit.kernels")
 
@@ -205,14 +203,3 @@ def grad_norm(grads: Sequence[torch.Tensor], backend: str = "auto") -> torch.Ten
         return None
     norm = total.sqrt()
     return norm if any(g.dtype == torch.float64 for g in grads) else norm.float()
-
-
-def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``min(1, max_norm / (norm + 1e-6))`` as torch.nn.utils.clip_grad_norm_ computes it (on device).
-
-    :func:`lightning_optkit.norms.clip_coefficient` with the limit checked first: NaN for a non-finite
-    norm (the fused step skips then anyway).
-    """
-    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-    return norm_clip_coefficient(max_norm, norm)

@@ -35,9 +35,9 @@ from lightning_optkit.kernels.dispatch import (
     select_backend,
     triton_runs_on,
 )
-from lightning_optkit.kernels.functional import adamw_step, clip_coefficient, grad_norm
+from lightning_optkit.kernels.functional import adamw_step, grad_norm
 from lightning_optkit.kernels.lean_adamw import LeanHyper, lean_adamw, state_kind
-from lightning_optkit.norms import combine_norms, tensor_norms
+from lightning_optkit.norms import clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim import lean_state
 from lightning_optkit.optim.modifiers import StepModifiers
 from lightning_optkit.registry import register_optimizer
@@ -355,7 +355,7 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             self.last_grad_norm = norm
             flags.append(~torch.isfinite(norm))
             if self.max_grad_norm is not None:
-                coef = clip_coefficient(norm, self.max_grad_norm)
+                coef = clip_coefficient(self.max_grad_norm, norm)
                 mult = coef if mult is None else mult * coef
         skip = flags[0]
         for flag in flags[1:]:

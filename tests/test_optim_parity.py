@@ -144,6 +144,19 @@ def test_matches_float64_reference(name: str, seed: int, foreach: bool) -> None:
         assert err <= REL_TOL * want.abs().max(), f"{name}: max error {err:.3g} vs scale {want.abs().max():.3g}"
 
 
+def train_side_by_side(model: torch.nn.Module, ours: torch.optim.Optimizer, twin: torch.nn.Module,
+                       theirs: torch.optim.Optimizer, steps: int) -> None:
+    """Step both on the same fresh batches; the parameters must stay bit-identical after every step."""
+    for _ in range(steps):
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        for net, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.03])
@@ -154,14 +167,7 @@ def test_momentum_sgd_is_torch_sgd_bit_for_bit(foreach: bool, nesterov: bool, we
                        nesterov=nesterov, foreach=foreach)
     theirs = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.85, dampening=0.0,
                              weight_decay=weight_decay, nesterov=nesterov, foreach=foreach)
-    for _ in range(STEPS):
-        x, y = torch.randn(16, 6), torch.randn(16, 3)
-        for net, opt in ((model, ours), (twin, theirs)):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(net(x), y).backward()
-            opt.step()
-        for a, b in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(a, b)
+    train_side_by_side(model, ours, twin, theirs, STEPS)
     # Same state_dict format as torch: the SGD state loads into ours and vice versa.
     for a, b in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
@@ -251,22 +257,11 @@ def test_momentum_sgd_dampening_is_torch_sgd_bit_for_bit(foreach: bool, weight_d
     twin = copy.deepcopy(model)
     kw = dict(lr=0.05, momentum=0.85, dampening=0.4, weight_decay=weight_decay, foreach=foreach)
     ours, theirs = MomentumSGD(model.parameters(), **kw), torch.optim.SGD(twin.parameters(), **kw)
-
-    def train(steps: int) -> None:
-        for _ in range(steps):
-            x, y = torch.randn(16, 6), torch.randn(16, 3)
-            for net, opt in ((model, ours), (twin, theirs)):
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(net(x), y).backward()
-                opt.step()
-            for a, b in zip(model.parameters(), twin.parameters()):
-                assert torch.equal(a, b)
-
-    train(6)
+    train_side_by_side(model, ours, twin, theirs, 6)
     torch.save(theirs.state_dict(), tmp_path / "sgd.pt")
     ours = MomentumSGD(model.parameters(), **kw)
     ours.load_state_dict(torch.load(tmp_path / "sgd.pt", weights_only=True))
-    train(4)
+    train_side_by_side(model, ours, twin, theirs, 4)
 
 
 def test_momentum_sgd_dampening_errors_name_the_field() -> None:

@@ -20,6 +20,9 @@ Run: ``python examples/11_fsdp2.py`` (CPU, two processes, ~20 seconds).
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -70,11 +73,15 @@ class SpiralNet(OptimizerMixin, L.LightningModule):
                 grad[0, 0] = float("nan")  # DDP: every rank holds the reduced gradient
 
 
+# CSV logs go to $OPTKIT_EXAMPLES_OUT or a temporary folder, never into the working directory.
+LOG_DIR = os.environ.get("OPTKIT_EXAMPLES_OUT") or os.path.join(tempfile.gettempdir(), "optkit-example-11")
+
+
 def fit(sharded: bool) -> tuple[L.Trainer, SpiralNet]:
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3, log_every_n_steps=5,
                         callbacks=[GradientClipping(max_norm=0.5), NonFiniteGuard(), OptimizerMonitor()],
-                        logger=L.pytorch.loggers.CSVLogger("logs_11", name="fsdp2" if sharded else "ddp"),
+                        logger=L.pytorch.loggers.CSVLogger(LOG_DIR, name="fsdp2" if sharded else "ddp"),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     model = SpiralNet(sharded)
     trainer.fit(model, DataLoader(spirals(n_per_class=100), batch_size=25, shuffle=False))

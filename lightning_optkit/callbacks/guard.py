@@ -250,12 +250,12 @@ class NonFiniteGuard(LeanCallback):
         track.unchecked += 1
         if synced:
             track.unchecked = 0
-            self._check_consecutive(trainer, idx, track.host_run)
+            self._check_consecutive(view.label, track.host_run)
             self._tell(trainer, pl_module, idx, track, current=skip_host, logging=logging, params=params, norms=norms)
         elif logging or track.unchecked >= self.max_consecutive_skips:
             track.unchecked = 0
             run, seen = torch.stack([track.consecutive, track.skipped]).tolist()  # the amortised host sync
-            self._check_consecutive(trainer, idx, int(run))
+            self._check_consecutive(view.label, int(run))
             track.seen = int(seen)
             self._tell(trainer, pl_module, idx, track, current=run > 0, logging=logging, params=params, norms=norms)
         self._steps.stepped(idx, (view.scope, idx))
@@ -271,10 +271,9 @@ class NonFiniteGuard(LeanCallback):
         record_step_metrics(trainer, {f"guard/{scope}skipped_steps": track.skipped,
                                       f"guard/{scope}consecutive_skips": track.consecutive}, step=step)
 
-    def _check_consecutive(self, trainer: pl.Trainer, idx: int, run: int) -> None:
+    def _check_consecutive(self, name: str, run: int) -> None:
+        """Raise TooManySkippedSteps when optimizer ``name``'s run of skipped steps is too long."""
         if run >= self.max_consecutive_skips:
-            labels = optimizer_labels(trainer)
-            name = labels[idx] if idx < len(labels) else str(idx)
             raise TooManySkippedSteps(
                 f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {name!r} "
                 f"(max_consecutive_skips={self.max_consecutive_skips}): its gradients are non-finite or "
@@ -284,6 +283,7 @@ class NonFiniteGuard(LeanCallback):
 
     def _check_all(self, trainer: pl.Trainer) -> None:
         """Read every optimizer's consecutive-skip counter (one host sync each) and raise if too long."""
+        labels = optimizer_labels(trainer)
         for idx, track in self._tracks.items():
             track.unchecked = 0
             if track.host_run is not None:
@@ -291,7 +291,7 @@ class NonFiniteGuard(LeanCallback):
             else:
                 run, seen = (int(v) for v in torch.stack([track.consecutive, track.skipped]).tolist())
                 track.seen = seen
-            self._check_consecutive(trainer, idx, run)
+            self._check_consecutive(labels[idx] if idx < len(labels) else str(idx), run)
             self._tell(trainer, None, idx, track, current=False, logging=False)
 
     # ------------------------------------------------------------------ console lines

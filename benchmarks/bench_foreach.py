@@ -85,7 +85,7 @@ def guarded_table(shapes: list[tuple[int, ...]], gen: torch.Generator, repeats: 
     print("-" * len(header))
     for name, cls, kwargs in GUARDED:
         variants = {"plain": (dict(foreach=True), time_steps), "guard": (dict(foreach=True), time_guarded_step)}
-        if cls.fused_kernel is not None:
+        if cls.fused_step is not None:
             variants["fused"] = (dict(fused=True), time_steps)
             variants["fused_guard"] = (dict(fused=True), time_guarded_step)
         runs = {}

@@ -59,7 +59,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kit_optimizers_in_float64_match_the_float64_reference(name, path, gen):
     cls, kwargs, reference = CASES[name]
-    if path == "fused" and cls.fused_kernel is None:
+    if path == "fused" and cls.fused_step is None:
         pytest.skip(f"{cls.__name__} has no fused path")
     shapes = random_shapes(gen)
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]

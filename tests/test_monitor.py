@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_optkit.callbacks.clipping import GradientClipping
 from lightning_optkit.callbacks.monitor import OptimizerMonitor
 from lightning_optkit.errors import SpecError
+from lightning_optkit.unwrap import raw_optimizer
 
 REL = 1e-5
 LAYER_OF = {"net.0.weight": "net.0", "net.0.bias": "net.0", "net.2.weight": "net.2", "net.2.bias": "net.2",
@@ -66,7 +67,7 @@ class Recorder(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         step = trainer.global_step if self.key == "global_step" else self._batch
-        idx = [id(o) for o in trainer.optimizers].index(id(getattr(optimizer, "optimizer", optimizer)))
+        idx = [id(o) for o in trainer.optimizers].index(id(raw_optimizer(optimizer)))
         rec = {
             "grads": {n: p.grad.double().clone() for n, p in pl_module.named_parameters() if p.grad is not None
                       and any(p is q for g in optimizer.param_groups for q in g["params"])},

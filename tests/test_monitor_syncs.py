@@ -24,8 +24,8 @@ from lightning_optkit.callbacks.monitor import OptimizerMonitor
 HOOKS = PER_BATCH_HOOKS  # every per-batch hook the monitor implements (the others are None, never dispatched)
 
 
-class CountedMonitor(OptimizerMonitor):
-    """The real monitor, with every hook it implements run under TorchCalls, grouped per batch."""
+class CountedHooks:
+    """Mixed into a real kit callback: every hook it implements runs under TorchCalls, grouped per batch."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -43,6 +43,14 @@ class CountedMonitor(OptimizerMonitor):
             return out
 
         return counted
+
+
+class CountedMonitor(CountedHooks, OptimizerMonitor):
+    """The real monitor, its hooks counted."""
+
+
+class CountedClipping(CountedHooks, GradientClipping):
+    """The real GradientClipping, its hooks counted."""
 
 
 class Tiny(LightningModule):
@@ -96,3 +104,22 @@ def test_no_sync_off_logging_steps_and_one_transfer_on_them(tmp_path, quiet_trai
             assert [n for n in names if n in HOST_TRANSFERS] == ["tolist"], (batch, names)
         else:
             assert names == [], f"batch {batch} does not log but ran torch calls {names}"
+
+
+def test_the_monitor_and_clipping_share_one_transfer_per_logging_step(tmp_path, quiet_trainer_kwargs):
+    """Both write through the one row: the clip values and the monitor's norms go to the host together."""
+    monitor, clipping = CountedMonitor(), CountedClipping(max_norm=0.01)
+    trainer = Trainer(**{**quiet_trainer_kwargs, "logger": CSVLogger(str(tmp_path))}, max_epochs=1,
+                      log_every_n_steps=3, callbacks=[monitor, clipping])
+    trainer.fit(Tiny())
+
+    logging = {2, 5, 8}
+    for batch in range(10):
+        transfers = [n for cb in (monitor, clipping) for n in cb.calls[batch] if n in HOST_TRANSFERS]
+        assert transfers == (["tolist"] if batch in logging else []), (batch, transfers)
+        assert clipping.calls[batch], "the clipper ran no torch call: the count proves nothing"
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [dict(zip(header, line.split(","), strict=True))
+                for header in [f.readline().strip().split(",")] for line in f.read().splitlines()]
+    assert [r["step"] for r in rows] == ["2", "5", "8"]  # one row per logging step, with both callbacks' keys
+    assert all(r["grad_clip/clip_coef"] and r["grad_norm/total"] and r["grad_norm/layer/net.0"] for r in rows)

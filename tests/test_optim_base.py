@@ -273,10 +273,13 @@ def test_step_with_pending_modifiers_never_syncs_to_host(cls, kwargs, monkeypatc
         torch.tensor(1.0).item()
 
 
-@pytest.mark.parametrize("cls", [MomentumSGD, Lion])
-def test_fused_without_kernel_raises_not_implemented(cls, monkeypatch) -> None:
-    monkeypatch.delattr(kernels, cls.fused_kernel, raising=False)  # as in an installation without it
-    with pytest.raises(NotImplementedError, match=f"kernels.{cls.fused_kernel}.*fused=None"):
+@pytest.mark.parametrize(("cls", "kernel"), [(MomentumSGD, kernels.momentum_sgd_fused_step),
+                                             (Lion, kernels.lion_fused_step)], ids=["MomentumSGD", "Lion"])
+def test_fused_without_kernel_raises_not_implemented(cls, kernel, monkeypatch) -> None:
+    assert cls.fused_step is kernel  # the class holds the kernel itself, no name to look up
+    cls(make_params(), fused=True)
+    monkeypatch.setattr(cls, "fused_step", None)  # as in an installation without it
+    with pytest.raises(NotImplementedError, match=r"fused kernel from lightning_optkit\.kernels.*fused=None"):
         cls(make_params(), fused=True)
 
 
@@ -290,7 +293,7 @@ def test_fused_hook_hands_the_group_to_the_kernel(monkeypatch) -> None:
         torch._foreach_add_(bufs, grads)
         torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
-    monkeypatch.setattr(kernels, "momentum_sgd_fused_step", sgd_kernel, raising=False)
+    monkeypatch.setattr(MomentumSGD, "fused_step", staticmethod(sgd_kernel))
     params = make_params()
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours = MomentumSGD(params, lr=0.1, momentum=0.9, fused=True)
@@ -343,8 +346,7 @@ def test_schedulefree_refuses_to_step_in_eval_mode() -> None:
 ], ids=["MomentumSGD", "Lion"])
 def test_fused_kernel_matches_the_foreach_path(cls, kwargs) -> None:
     """With lightning_optkit.kernels wired in, fused=True follows the same rule (scale and skip too)."""
-    if not hasattr(kernels, cls.fused_kernel):
-        pytest.skip(f"lightning_optkit.kernels does not provide {cls.fused_kernel} yet")
+    assert cls.fused_step is not None
     params = make_params()
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fused, foreach = cls(params, fused=True, **kwargs), cls(twin, **kwargs)

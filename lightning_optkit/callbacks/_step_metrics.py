@@ -2,11 +2,14 @@
 
 Private to :mod:`lightning_optkit.callbacks`. GradientClipping and NonFiniteGuard record 0-d device
 tensors here during ``on_before_optimizer_step`` (a later value of a key replaces the earlier one, so
-with several steps in a batch the last step wins, as with ``self.log``), OptimizerMonitor its host
-values at the end of the batch. On recording, the tensors are also put in ``trainer.callback_metrics``
-(so EarlyStopping, ModelCheckpoint, plateau schedules and later callbacks can read them) and
-``trainer.logged_metrics``. At ``on_train_batch_end`` the row is sealed: its tensors go to the host in
-one ``tolist()`` and it gets the ``epoch``, as Lightning's rows do.
+with several steps in a batch the last step wins, as with ``self.log``); OptimizerMonitor records its
+norms at the end of the batch as tensors with a function that turns their host values into its keys
+(:func:`record_step_tensors`: totals and per-layer norms are combined on the host). On recording, the
+clipping and guard tensors are also put in ``trainer.callback_metrics`` (so EarlyStopping,
+ModelCheckpoint, plateau schedules and later callbacks can read them) and ``trainer.logged_metrics``.
+At ``on_train_batch_end`` the row is sealed: all its tensors, every callback's, go to the host in one
+``tolist()`` (the one device-to-host transfer of a logging step; none on the other steps) and it gets
+the ``epoch``, as Lightning's rows do.
 
 One row per step: Lightning writes its own row for the step (``self.log`` values, ``epoch``) right
 after every ``on_train_batch_end``, calling each logger's ``log_metrics``. Loggers append a row per call
@@ -35,7 +38,10 @@ import torch
 from lightning_optkit.callbacks.cadence import is_logging_step, logger_step
 
 __all__ = ["BatchSteps", "flush_step_metrics", "join_rows", "publish_step_metrics", "record_host_metrics",
-           "record_step_metrics", "seal_step_metrics", "stop_joining_rows"]
+           "record_step_metrics", "record_step_tensors", "seal_step_metrics", "stop_joining_rows"]
+
+#: Turns the host values of recorded tensors into row values, and values for single loggers (logger -> values).
+Resolve = Callable[[list[float]], tuple[dict[str, Any], dict[Any, dict[str, Any]]]]
 
 
 @dataclass
@@ -45,16 +51,29 @@ class _Row:
     floats: dict[str, Any] = field(default_factory=dict)  # host values (moved, or recorded as such)
     only_for: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(logger) -> values for it alone
     written: set[int] = field(default_factory=set)  # id(logger) of the loggers that have the row
+    resolves: list[tuple[list[torch.Tensor], Resolve]] = field(default_factory=list)  # record_step_tensors
 
     def to_host(self) -> None:
-        """Move the recorded tensors to the host, one transfer."""
-        if not self.values:
+        """Move every recorded tensor to the host, one transfer, and resolve the deferred values."""
+        if not self.values and not self.resolves:
             return
-        device = next(iter(self.values.values())).device
-        tensors = [v if v.device == device else v.to(device) for v in self.values.values()]
-        floats = torch.stack([t.float() for t in tensors]).tolist()  # the single device-to-host transfer
-        self.floats.update(zip(self.values, floats, strict=True))
+        tensors = [*self.values.values(), *(t for ts, _ in self.resolves for t in ts)]
+        floats: list[float] = []
+        if tensors:
+            device = tensors[0].device
+            parts = [t if t.device == device and t.dtype == torch.float32 and t.ndim == 0
+                     else t.to(device, torch.float32).reshape(()) for t in tensors]
+            floats = torch.stack(parts).tolist()  # the single device-to-host transfer
+        count = len(self.values)
+        self.floats.update(zip(self.values, floats[:count], strict=True))
+        for ts, resolve in self.resolves:
+            values, extra = resolve(floats[count:count + len(ts)])
+            count += len(ts)
+            self.floats.update(values)
+            for logger, more in extra.items():
+                self.only_for.setdefault(id(logger), {}).update(more)
         self.values = {}
+        self.resolves = []
 
     def for_logger(self, logger: Any) -> dict[str, Any]:
         extra = self.only_for.get(id(logger))
@@ -91,6 +110,14 @@ def record_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor], st
 def publish_step_metrics(trainer: pl.Trainer, values: dict[str, torch.Tensor]) -> None:
     """Put 0-d tensors in ``trainer.callback_metrics`` only (copies; not logged: another callback logs them)."""
     trainer.callback_metrics.update({key: value.detach().reshape(()).clone() for key, value in values.items()})
+
+
+def record_step_tensors(trainer: pl.Trainer, tensors: list[torch.Tensor], resolve: Resolve,
+                        step: int | None = None) -> None:
+    """Queue 0-d device tensors for the row of ``step`` (default: the current batch's); at the row's one
+    transfer ``resolve`` gets their host values, in order, and returns the row's values from them and values
+    for single loggers (e.g. a ``wandb.Histogram``). Not put in ``trainer.callback_metrics``."""
+    _row(trainer, step).resolves.append((list(tensors), resolve))
 
 
 def record_host_metrics(trainer: pl.Trainer, values: dict[str, float], step: int | None = None,

@@ -20,24 +20,15 @@ from lightning_optkit.callbacks._step_metrics import (
 )
 from lightning_optkit.callbacks.amp import ensure_unscaled
 from lightning_optkit.callbacks.base import LeanCallback
-from lightning_optkit.callbacks.cadence import is_logging_step
-from lightning_optkit.callbacks.naming import metric_scope, optimizer_index
 from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
-from lightning_optkit.callbacks.step_norms import (
-    current_grad_norms,
-    grad_params,
-    note_grads_modified,
-    take_deferred_scale,
-)
+from lightning_optkit.callbacks.step_norms import StepView, step_view
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import CLIP_EPS as _EPS
 from lightning_optkit.norms import check_norm_type, clip_coefficient, combine_norms, tensor_norms
-from lightning_optkit.optim.modifiers import accepts_step_modifiers
 from lightning_optkit.param_names import named_parameters, param_names
 from lightning_optkit.probe import sparse_grad_ids
 from lightning_optkit.sharding import any_sharded, local_tensors, shard_dims
-from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import number
 
 # clip_coefficient lives in lightning_optkit.norms; re-exported here for existing imports
@@ -246,7 +237,7 @@ class GradientClipping(LeanCallback):
         self.last_threshold: torch.Tensor | None = None
         self._states: dict[int, RunningNormStats | NormHistory] = {}
         self._excluded_ids: frozenset[int] = frozenset()
-        self._steps = BatchSteps()  # items: (optimizer, total norm, coefficient, threshold)
+        self._steps = BatchSteps()  # items: (metric scope, total norm, coefficient, threshold)
         self._key_prefix = "grad_clip/"  # resolved at setup (several clippers: grad_clip/<algorithm>/)
         self._log_total_norm = True  # resolved at setup: False when OptimizerMonitor logs the same norm
 
@@ -338,46 +329,44 @@ class GradientClipping(LeanCallback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Compute the pre-clip norm, clip, record and (on logging steps) log."""
         ensure_unscaled(trainer, optimizer)
-        # the norms of the gradients as they stand (shared with the other callbacks at this step; after
+        view = step_view(trainer, optimizer)
+        # the norms of the gradients as they stand (shared with the other stages at this step; after
         # another clipping callback, those of its result)
-        params, norms = current_grad_norms(trainer, optimizer, self.norm_type, self._excluded_ids)
+        params, norms = view.current_norms(self.norm_type, self._excluded_ids)
         if not params:
             return
         device = params[0].grad.device
         total = combine_norms(norms, self.norm_type, device)
-        logging = is_logging_step(trainer)
-        idx = optimizer_index(trainer, optimizer)
-        raw = raw_optimizer(optimizer)
         grads = [p.grad for p in params]
         threshold = None
 
         if self.algorithm == "norm" and self.per == "global":
             coef = clip_coefficient(self.max_norm, total)
-            self._apply_global(trainer, optimizer, grads, coef)
+            self._apply_global(view, grads, coef)
         elif self.algorithm == "norm":
             if self.per == "param":
                 coefs = [clip_coefficient(self.max_norm, n) for n in norms]
             else:
-                coefs = self._group_coefs(raw, params, norms, device)
+                coefs = self._group_coefs(view.raw, params, norms, device)
             _mul_grads_(grads, coefs)
-            note_grads_modified(trainer, optimizer)
+            view.note_modified()
             post = combine_norms([c * n for c, n in zip(coefs, norms, strict=True)], self.norm_type, device)
             coef = post / (total + _EPS)
         elif self.algorithm in ("zscore", "quantile"):
-            threshold = self._adaptive_threshold(idx, total, device)
+            threshold = self._adaptive_threshold(view.index, total, device)
             coef = clip_coefficient(threshold, total)
-            self._apply_global(trainer, optimizer, grads, coef)
+            self._apply_global(view, grads, coef)
         else:  # value, agc: element/unit-wise, the effective coefficient needs a post-clip norm
-            deferred = take_deferred_scale(trainer, optimizer)  # an earlier clipper's coefficient, not yet applied
+            deferred = view.take_deferred_scale()  # an earlier clipper's coefficient, not yet applied
             if deferred is not None:
-                _scale_grads_([p.grad for p in grad_params(raw)], deferred)
+                _scale_grads_(view.grads, deferred)
             if self.algorithm == "value":
                 _clamp_grads_(params, self.max_value)
             else:
                 self._agc(params)
-            note_grads_modified(trainer, optimizer)
+            view.note_modified()
             coef = None
-            if logging or self.last_clip_coef is None:
+            if view.logging or self.last_clip_coef is None:
                 post = combine_norms(tensor_norms(grads, self.norm_type), self.norm_type, device)
                 nan = torch.full_like(total, math.nan)
                 coef = torch.where(torch.isfinite(total), post / (total + _EPS), nan)
@@ -386,9 +375,9 @@ class GradientClipping(LeanCallback):
         if coef is not None:
             self.last_clip_coef = coef
         self.last_threshold = threshold
-        self._steps.stepped(idx, (optimizer, total, coef, threshold))
-        if logging:
-            self._record(trainer, optimizer, total, self.last_clip_coef, threshold)
+        self._steps.stepped(view.index, (view.scope, total, coef, threshold))
+        if view.logging:
+            self._record(trainer, view.scope, total, self.last_clip_coef, threshold)
             self._steps.logged()
 
     def _own_key_prefix(self, trainer: pl.Trainer) -> str:
@@ -413,9 +402,9 @@ class GradientClipping(LeanCallback):
         first = next((cb for cb in trainer.callbacks if isinstance(cb, GradientClipping)), None)
         return monitored and first is self and not self.exclude and self.norm_type == 2.0
 
-    def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, total: torch.Tensor,
-                coef: torch.Tensor | None, threshold: torch.Tensor | None, step: int | None = None) -> None:
-        prefix = self._key_prefix + metric_scope(trainer, optimizer)
+    def _record(self, trainer: pl.Trainer, scope: str, total: torch.Tensor, coef: torch.Tensor | None,
+                threshold: torch.Tensor | None, step: int | None = None) -> None:
+        prefix = self._key_prefix + scope
         values = {}
         if self._log_total_norm:
             values[f"{prefix}total_norm"] = total
@@ -445,15 +434,12 @@ class GradientClipping(LeanCallback):
         stop_joining_rows(trainer)
 
     # ------------------------------------------------------------------ algorithms
-    def _apply_global(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
-                      coef: torch.Tensor) -> None:
-        raw = raw_optimizer(optimizer)
-        if accepts_step_modifiers(raw) and not self._excluded_ids:
-            raw.defer_grad_scale(coef)  # applied by the kit optimizer's step (fused: inside the update)
-            note_grads_modified(trainer, optimizer, deferred_scale=coef)
+    def _apply_global(self, view: StepView, grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+        if view.accepts_modifiers and not self._excluded_ids:
+            view.defer_scale(coef)  # applied by the kit optimizer's step (fused: inside the update)
         else:
             _scale_grads_(grads, coef)
-            note_grads_modified(trainer, optimizer)
+            view.note_modified()
 
     def _group_coefs(self, raw: torch.optim.Optimizer, params: list[torch.Tensor],
                      norms: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

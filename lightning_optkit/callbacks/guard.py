@@ -20,16 +20,13 @@ from lightning_optkit.callbacks.amp import (
     mark_scaler_skip,
 )
 from lightning_optkit.callbacks.base import LeanCallback
-from lightning_optkit.callbacks.cadence import is_logging_step
-from lightning_optkit.callbacks.naming import group_labels, metric_scope, optimizer_index, optimizer_labels
+from lightning_optkit.callbacks.naming import group_labels, optimizer_labels
 from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, order_gradient_stages
-from lightning_optkit.callbacks.step_norms import step_grad_norms
+from lightning_optkit.callbacks.step_norms import step_view
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import check_norm_type, combine_norms
-from lightning_optkit.optim.modifiers import accepts_step_modifiers
 from lightning_optkit.param_names import named_parameters
-from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import number
 
 __all__ = ["NonFiniteGuard", "TooManySkippedSteps"]
@@ -156,7 +153,7 @@ class NonFiniteGuard(LeanCallback):
         self.last_skip: torch.Tensor | None = None
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._armed: list[tuple[torch.optim.Optimizer, torch.Tensor]] = []
-        self._steps = BatchSteps()  # items: (optimizer, optimizer index)
+        self._steps = BatchSteps()  # items: (metric scope, optimizer index)
         self._last_warning: float | None = None  # time.monotonic() of the last console line
         self._names: dict[int, str] | None = None  # id(param) -> name, built for the first named line
 
@@ -207,12 +204,13 @@ class NonFiniteGuard(LeanCallback):
                                  optimizer: torch.optim.Optimizer) -> None:
         """Decide the skip flag on device and hand it to the optimizer (see the class docstring)."""
         ensure_unscaled(trainer, optimizer)
-        params, norms = step_grad_norms(trainer, optimizer, self.norm_type)
+        view = step_view(trainer, optimizer)
+        params, norms = view.pre_norms(self.norm_type)
         if not params:
             return
         device = params[0].grad.device
         total = combine_norms(norms, self.norm_type, device)
-        idx = optimizer_index(trainer, optimizer)
+        idx = view.index
         track = self._track(idx)
         track.to(device)
 
@@ -225,10 +223,11 @@ class NonFiniteGuard(LeanCallback):
         track.consecutive = torch.where(skip, track.consecutive + 1.0, torch.zeros_like(track.consecutive))
         self.last_skip = skip
 
-        raw = raw_optimizer(optimizer)
+        view.decided_skip(skip)
+        raw = view.raw
         scaler = active_scaler(trainer)
         synced = False
-        if accepts_step_modifiers(raw):
+        if view.accepts_modifiers:
             raw.defer_skip(skip)
         elif scaler is not None:
             mark_scaler_skip(scaler, raw, skip)
@@ -247,37 +246,34 @@ class NonFiniteGuard(LeanCallback):
                     for p in group["params"]:
                         p.grad = None
 
-        logging = is_logging_step(trainer)
+        logging = view.logging
         track.unchecked += 1
         if synced:
             track.unchecked = 0
-            self._check_consecutive(trainer, idx, track.host_run)
+            self._check_consecutive(view.label, track.host_run)
             self._tell(trainer, pl_module, idx, track, current=skip_host, logging=logging, params=params, norms=norms)
         elif logging or track.unchecked >= self.max_consecutive_skips:
             track.unchecked = 0
             run, seen = torch.stack([track.consecutive, track.skipped]).tolist()  # the amortised host sync
-            self._check_consecutive(trainer, idx, int(run))
+            self._check_consecutive(view.label, int(run))
             track.seen = int(seen)
             self._tell(trainer, pl_module, idx, track, current=run > 0, logging=logging, params=params, norms=norms)
-        self._steps.stepped(idx, (optimizer, idx))
+        self._steps.stepped(idx, (view.scope, idx))
         if logging:
-            self._record(trainer, optimizer, track)
+            self._record(trainer, view.scope, track)
             self._steps.logged()
 
-    def _record_stepped(self, trainer: pl.Trainer, item: tuple[torch.optim.Optimizer, int], step: int | None) -> None:
-        optimizer, idx = item
-        self._record(trainer, optimizer, self._tracks[idx], step=step)
+    def _record_stepped(self, trainer: pl.Trainer, item: tuple[str, int], step: int | None) -> None:
+        scope, idx = item
+        self._record(trainer, scope, self._tracks[idx], step=step)
 
-    def _record(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, track: _OptimizerTrack,
-                step: int | None = None) -> None:
-        scope = metric_scope(trainer, optimizer)
+    def _record(self, trainer: pl.Trainer, scope: str, track: _OptimizerTrack, step: int | None = None) -> None:
         record_step_metrics(trainer, {f"guard/{scope}skipped_steps": track.skipped,
                                       f"guard/{scope}consecutive_skips": track.consecutive}, step=step)
 
-    def _check_consecutive(self, trainer: pl.Trainer, idx: int, run: int) -> None:
+    def _check_consecutive(self, name: str, run: int) -> None:
+        """Raise TooManySkippedSteps when optimizer ``name``'s run of skipped steps is too long."""
         if run >= self.max_consecutive_skips:
-            labels = optimizer_labels(trainer)
-            name = labels[idx] if idx < len(labels) else str(idx)
             raise TooManySkippedSteps(
                 f"NonFiniteGuard skipped {run} consecutive optimizer steps of optimizer {name!r} "
                 f"(max_consecutive_skips={self.max_consecutive_skips}): its gradients are non-finite or "
@@ -287,6 +283,7 @@ class NonFiniteGuard(LeanCallback):
 
     def _check_all(self, trainer: pl.Trainer) -> None:
         """Read every optimizer's consecutive-skip counter (one host sync each) and raise if too long."""
+        labels = optimizer_labels(trainer)
         for idx, track in self._tracks.items():
             track.unchecked = 0
             if track.host_run is not None:
@@ -294,7 +291,7 @@ class NonFiniteGuard(LeanCallback):
             else:
                 run, seen = (int(v) for v in torch.stack([track.consecutive, track.skipped]).tolist())
                 track.seen = seen
-            self._check_consecutive(trainer, idx, run)
+            self._check_consecutive(labels[idx] if idx < len(labels) else str(idx), run)
             self._tell(trainer, None, idx, track, current=False, logging=False)
 
     # ------------------------------------------------------------------ console lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_optkit.callbacks._step_metrics import (
     join_rows,
-    record_host_metrics,
+    record_step_tensors,
     seal_step_metrics,
     stop_joining_rows,
 )
@@ -25,12 +25,11 @@ from lightning_optkit.callbacks.cadence import is_logging_step, logger_step
 from lightning_optkit.callbacks.naming import group_labels, optimizer_labels
 from lightning_optkit.callbacks.sharded_checks import check_sharded_layout, refuse_sharded_strategy
 from lightning_optkit.callbacks.stages import GradientRole, clip_reports, order_gradient_stages
-from lightning_optkit.callbacks.step_norms import step_grad_norms
+from lightning_optkit.callbacks.step_norms import step_view
 from lightning_optkit.errors import SpecError, closest
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.param_names import named_parameters
 from lightning_optkit.sharding import any_sharded
-from lightning_optkit.unwrap import raw_optimizer
 from lightning_optkit.validation import flag, number
 
 __all__ = ["OptimizerMonitor"]
@@ -110,34 +109,6 @@ class _PendingStep:
     snapshot: list[torch.Tensor] | None = None
     clip_coef: torch.Tensor | None = None
     coefs_before: list[Any] = field(default_factory=list)  # each clipper's last_clip_coef before this step
-
-
-class _OneTransfer:
-    """Collects 0-d device tensors and moves them to the host in one ``tolist()``."""
-
-    def __init__(self) -> None:
-        self._tensors: list[torch.Tensor] = []
-        self._values: list[float] = []
-
-    def add(self, tensors: Sequence[torch.Tensor]) -> slice:
-        start = len(self._tensors)
-        self._tensors.extend(tensors)
-        return slice(start, len(self._tensors))
-
-    def fetch(self) -> None:
-        if not self._tensors:
-            return
-        first = self._tensors[0]
-        device = first.device
-        if all(t.dtype == torch.float32 and t.ndim == 0 for t in self._tensors) and all(
-                t.device == device for t in self._tensors):
-            parts = self._tensors  # the usual case: 0-d float32 norms from foreach_norm, on one device
-        else:
-            parts = [t.to(device, torch.float32).reshape(()) for t in self._tensors]
-        self._values = torch.stack(parts).tolist()  # the single D2H transfer
-
-    def get(self, where: slice) -> list[float]:
-        return self._values[where]
 
 
 def _validated_norms(norms: Sequence[str] | str) -> tuple[str, ...]:
@@ -398,7 +369,10 @@ class OptimizerMonitor(LeanCallback):
             self._pending.clear()
             self._awaiting_clip = None
         self._pending_step = step
-        raw = raw_optimizer(optimizer)
+        if "grad" in self.norms:
+            ensure_unscaled(trainer, optimizer)
+        view = step_view(trainer, optimizer)
+        raw = view.raw
         self._harvest_clip()  # the clipping callback has run for the previously recorded step
         pending = self._pending.get(id(raw))
         with torch.no_grad():
@@ -413,9 +387,8 @@ class OptimizerMonitor(LeanCallback):
             pending.hparams = self._hparams(pending.plan)
             pending.clip_coef = None
             if "grad" in self.norms:
-                ensure_unscaled(trainer, optimizer)
                 # computed before GradientClipping (which runs after us, see setup) modifies them
-                with_grad, pending.grad_norms = step_grad_norms(trainer, raw, 2.0)
+                with_grad, pending.grad_norms = view.pre_norms(2.0)
                 pending.grad_layers = [pending.plan.layer_of.get(id(p), "unregistered") for p in with_grad]
         self._pending[id(raw)] = pending
         if self._clips:
@@ -424,20 +397,30 @@ class OptimizerMonitor(LeanCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """After the step(s) of a logging batch: update norms, one host transfer, one logged row."""
+        """After the step(s) of a logging batch: update norms, then the row with its one host transfer."""
         if not self._pending:
             return
         self._harvest_clip()
         pending = list(self._pending.values())
         self._pending.clear()
         with torch.no_grad():
-            metrics, histogram_values = self._resolve(pending, trainer)
-        self._log(trainer, metrics, histogram_values)
+            tensors, resolve = self._collect(pending, trainer)
+        if trainer.global_rank != 0:
+            return  # the other ranks computed the sharded norms' collectives with rank 0
+        record_step_tensors(trainer, tensors, resolve, step=logger_step(trainer))
+        seal_step_metrics(trainer)
 
-    def _resolve(self, pending: list[_PendingStep], trainer: pl.Trainer
-                 ) -> tuple[dict[str, float], list[float]]:
-        transfer = _OneTransfer()
+    def _collect(self, pending: list[_PendingStep], trainer: pl.Trainer
+                 ) -> tuple[list[torch.Tensor], Callable[[list[float]], tuple[dict[str, Any], dict[Any, Any]]]]:
+        """The batch's device tensors (update norms computed now), and the function that turns their host
+        values into the monitor's keys (:meth:`_metrics`) at the row's transfer."""
+        tensors: list[torch.Tensor] = []
         slots = []
+
+        def add(ts: Sequence[torch.Tensor]) -> slice:
+            tensors.extend(ts)
+            return slice(len(tensors) - len(ts), len(tensors))
+
         hparams: dict[str, float | torch.Tensor] = {}
         stepped = {id(p.plan.optimizer) for p in pending}
         for opt in trainer.optimizers:  # optimizers that did not step in this batch: their current values
@@ -450,27 +433,28 @@ class OptimizerMonitor(LeanCallback):
                 torch._foreach_sub_(p.snapshot, [q.detach() for q in p.plan.params])  # before - after
                 update_norms = tensor_norms(p.snapshot, 2.0)
                 p.snapshot = None
-            slots.append((
-                p,
-                transfer.add(p.grad_norms),
-                transfer.add(p.param_norms),
-                transfer.add(update_norms),
-                transfer.add([p.clip_coef] if p.clip_coef is not None else []),
-            ))
+            slots.append((p, add(p.grad_norms), add(p.param_norms), add(update_norms),
+                          add([p.clip_coef] if p.clip_coef is not None else [])))
         tensor_hparams = {k: v for k, v in hparams.items() if isinstance(v, torch.Tensor)}
-        hp_slot = transfer.add([v.detach() for v in tensor_hparams.values()])
-        transfer.fetch()
+        hp_slot = add([v.detach() for v in tensor_hparams.values()])
+        host_hparams = {k: float(v) for k, v in hparams.items() if not isinstance(v, torch.Tensor)}
 
-        metrics: dict[str, float] = {
-            k: float(v) for k, v in hparams.items() if not isinstance(v, torch.Tensor)
-        }
-        metrics.update(zip(tensor_hparams, transfer.get(hp_slot), strict=True))
+        def resolve(values: list[float]) -> tuple[dict[str, Any], dict[Any, Any]]:
+            metrics: dict[str, Any] = dict(host_hparams)
+            metrics.update(zip(tensor_hparams, values[hp_slot], strict=True))
+            histogram_values = self._metrics(metrics, [(p, *(values[s] for s in rest)) for p, *rest in slots])
+            return metrics, self._histograms(histogram_values)
+
+        return tensors, resolve
+
+    def _metrics(self, metrics: dict[str, Any], slots: list[tuple[_PendingStep, list[float], list[float],
+                                                                  list[float], list[float]]]) -> list[float]:
+        """Add the totals and per-layer norms (host values) to ``metrics``; return the histogram's values."""
         layer_grad: dict[str, list[float]] = {}
         layer_param: dict[str, list[float]] = {}
         layer_update: dict[str, list[float]] = {}
-        for p, g_slot, p_slot, u_slot, c_slot in slots:
+        for p, grads, params, updates, coef in slots:
             scope = p.plan.scope
-            grads, params, updates, coef = (transfer.get(s) for s in (g_slot, p_slot, u_slot, c_slot))
             param_layers = [p.plan.layer_of[id(q)] for q in p.plan.params]
             if "grad" in self.norms:
                 total = _norm2(grads)
@@ -504,20 +488,16 @@ class OptimizerMonitor(LeanCallback):
             for layer, vals in layer_update.items():
                 u = metrics[f"update_norm/layer/{layer}"] = _norm2(vals)
                 metrics[f"update_ratio/layer/{layer}"] = _ratio(u, _norm2(layer_param.get(layer, [])))
-        return metrics, histogram_values
+        return histogram_values
 
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], histogram_values: list[float]) -> None:
-        """Add the values to the step's row (written with Lightning's own row and the other kit callbacks')."""
-        if trainer.global_rank != 0:
-            return  # the other ranks computed the sharded norms' collectives with rank 0
-        only_for: dict[Any, dict[str, Any]] = {}
-        if self.histograms and histogram_values:
-            import wandb
+    def _histograms(self, histogram_values: list[float]) -> dict[Any, dict[str, Any]]:
+        """The ``wandb.Histogram`` of the per-layer grad norms, for each WandbLogger (``histograms``)."""
+        if not (self.histograms and histogram_values):
+            return {}
+        import wandb
 
-            histogram = wandb.Histogram(histogram_values)
-            only_for = {lg: {"grad_norm/layer_histogram": histogram} for lg in self._wandb_loggers}
-        record_host_metrics(trainer, metrics, step=logger_step(trainer), only_for=only_for)
-        seal_step_metrics(trainer)
+        histogram = wandb.Histogram(histogram_values)
+        return {lg: {"grad_norm/layer_histogram": histogram} for lg in self._wandb_loggers}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Write a row Lightning did not join and give the loggers back their own ``log_metrics``."""

@@ -54,14 +54,19 @@ class ClipReport(Protocol):
     last_clip_coef: torch.Tensor | None
 
 
+def role_of(callback: object) -> str | None:
+    """The gradient role ``callback`` declares (``gradient_role``), or None for any other callback."""
+    return getattr(callback, "gradient_role", None)
+
+
 def is_gradient_stage(callback: object) -> bool:
     """Whether ``callback`` declares a gradient role (one of :data:`GRADIENT_ROLES`)."""
-    return getattr(callback, "gradient_role", None) in GRADIENT_ROLES
+    return role_of(callback) in GRADIENT_ROLES
 
 
 def gradient_stages(trainer: pl.Trainer, role: GradientRole | None = None) -> list[GradientStage]:
     """The Trainer's gradient stages in run order, all or those of one role."""
-    return [cb for cb in trainer.callbacks if is_gradient_stage(cb) and role in (None, cb.gradient_role)]
+    return [cb for cb in trainer.callbacks if is_gradient_stage(cb) and role in (None, role_of(cb))]
 
 
 def clip_reports(trainer: pl.Trainer) -> list[ClipReport]:
@@ -93,16 +98,16 @@ def order_gradient_stages(trainer: pl.Trainer) -> None:
     each callback once, as when Lightning adds a module's ``configure_callbacks``.
     """
     callbacks = list(trainer.callbacks)
-    modifiers = [cb for cb in callbacks if getattr(cb, "gradient_role", None) == "modify"]
+    modifiers = [cb for cb in callbacks if role_of(cb) == "modify"]
     if modifiers:
         first = _position(callbacks, modifiers[0])
-        late = [cb for cb in callbacks[first:] if getattr(cb, "gradient_role", None) == "observe"]
+        late = [cb for cb in callbacks[first:] if role_of(cb) == "observe"]
         callbacks = _without(callbacks, late)
         at = _position(callbacks, modifiers[0])
         callbacks[at:at] = late
-    readers = [i for i, cb in enumerate(callbacks) if getattr(cb, "gradient_role", None) in ("observe", "modify")]
+    readers = [i for i, cb in enumerate(callbacks) if role_of(cb) in ("observe", "modify")]
     if readers:
-        early = [cb for cb in callbacks[:readers[-1]] if getattr(cb, "gradient_role", None) == "decide"]
+        early = [cb for cb in callbacks[:readers[-1]] if role_of(cb) == "decide"]
         last_reader = callbacks[readers[-1]]
         callbacks = _without(callbacks, early)
         at = _position(callbacks, last_reader) + 1

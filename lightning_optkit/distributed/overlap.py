@@ -144,14 +144,14 @@ class OverlapState:
         self.bucket_updates += 1
 
     def finish_step(self) -> None:
-        """Close one optimizer step: advance FusedAdamW's stochastic-rounding seeds (on device), once.
+        """Close one optimizer step: ``FusedAdamW.finish_step`` (advances its stochastic-rounding seeds), once.
 
         Every bucket of a step uses the same seed, as FusedAdamW's own step uses one seed for all its
         groups. :class:`OverlapDDPStrategy` calls this after each step; call it yourself after each armed
         backward when you register :func:`overlap_hook` by hand.
         """
         if self.optimizer is not None:
-            self.optimizer._advance_sr_seeds()
+            self.optimizer.finish_step()
 
 
 def overlap_hook(state: OverlapState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

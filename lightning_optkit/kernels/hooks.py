@@ -1,8 +1,8 @@
-"""Adapters from KitOptimizer's fused hook to the functional steps.
+"""Adapters from KitOptimizer's fused path to the functional steps.
 
-``KitOptimizer._fused_step`` calls ``lightning_optkit.kernels.<fused_kernel>(group, params, grads,
-state_lists, scale, skip)``; MomentumSGD names ``momentum_sgd_fused_step`` and Lion ``lion_fused_step``.
-The backend is ``"auto"`` (``LIGHTNING_OPTKIT_BACKEND`` overrides it).
+A KitOptimizer with ``fused=True`` calls its class's ``fused_step(group, params, grads, state_lists, scale,
+skip)``, a direct reference to one of these: MomentumSGD holds ``momentum_sgd_fused_step``, Lion
+``lion_fused_step``. The backend is ``"auto"`` (``LIGHTNING_OPTKIT_BACKEND`` overrides it).
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ A subclass writes three things:
 * ``_update(group, params, grads, state, steps)``: the update rule over lists of tensors of one
   device and dtype, written with ``torch._foreach_*`` ops.
 
-The base supplies ``step(closure=None)``: the closure runs under ``torch.enable_grad()`` and its
-loss is returned; gradients are gathered (sparse gradients raise), the pending
-:class:`~lightning_optkit.optim.modifiers.StepModifiers` are applied (below), and the rule runs either once
-per (device, dtype) bucket (``foreach=True``, the default) or once per parameter (``foreach=False``,
-the rule sees one-element lists). ``zero_grad``, ``state_dict`` and ``load_state_dict`` are torch's,
-so checkpoints have torch's format. Step counters and other scalar state are 0-d tensors on the
-parameter's device (so a skipped step never needs a host sync), float32, or float64 for float64
-parameters: a float64 run computes its bias corrections, warmup and lr scalars in float64 throughout.
+The step is :class:`~lightning_optkit.optim.core.StepOptimizer`'s (closure, gathered gradients, the
+pending :class:`~lightning_optkit.optim.modifiers.StepModifiers`); this base supplies its per-group update,
+:meth:`KitOptimizer.update_group`: the rule runs either once per (device, dtype) bucket (``foreach=True``,
+the default) or once per parameter (``foreach=False``, the rule sees one-element lists). ``zero_grad``,
+``state_dict`` and ``load_state_dict`` are torch's, so checkpoints have torch's format. Step counters and
+other scalar state are 0-d tensors on the parameter's device (so a skipped step never needs a host sync),
+float32, or float64 for float64 parameters: a float64 run computes its bias corrections, warmup and lr
+scalars in float64 throughout.
 
 Step modifiers on the foreach / per-parameter path, exactly: a deferred grad scale multiplies ``p.grad``
 in place (one extra read+write of the gradients, no extra allocation; ``p.grad`` holds the scaled
@@ -35,16 +35,17 @@ select cover only that block's written pieces, in persistent block-sized buffers
 the same operations as in the whole-list rule, so the bits are the same (LAMB: the norms of cut tensors are
 summed from their pieces). Temporaries of one-piece blocks come from persistent buffers (``Scratch``).
 
-Fused hook: a subclass that sets ``fused_kernel = "<name>"`` accepts ``fused=True``; then ``step``
-hands each group to :meth:`KitOptimizer._fused_step`, which calls ``lightning_optkit.kernels.<name>``
-with ``(group, params, grads, state_lists, scale, skip)``. The kernel owns the whole update there:
+Fused path: a subclass that sets ``fused_step = staticmethod(<kernel function>)`` (a direct reference, e.g.
+:func:`lightning_optkit.kernels.hooks.lion_fused_step`) accepts ``fused=True``; then each group goes to that
+function with ``(group, params, grads, state_lists, scale, skip)``, as torch's ``adam()`` hands the same
+arguments to its fused, foreach or single-tensor function. The kernel owns the whole update there:
 incrementing ``state_lists["step"]`` (when the optimizer counts steps), multiplying gradients by
-``scale`` and leaving everything untouched when ``skip`` is true.
+``scale`` and leaving everything untouched when ``skip`` is true. ``fused_step = None`` (the default, or
+a class whose kernel this installation lacks) makes ``fused=True`` raise NotImplementedError.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
@@ -56,10 +57,13 @@ from lightning_optkit import validation
 from lightning_optkit.errors import SpecError
 from lightning_optkit.norms import tensor_norms
 from lightning_optkit.optim.blocks import Scratch, split_blocks
-from lightning_optkit.optim.modifiers import StepModifiers
+from lightning_optkit.optim.core import StepOptimizer
 from lightning_optkit.sharding import any_sharded, local_tensors
 
 Validator = Callable[[str, Any], None]
+#: A fused step: ``(group, params, grads, state_lists, scale, skip) -> None`` (see the module docstring).
+FusedStep = Callable[[dict[str, Any], list[Tensor], list[Tensor], dict[str, list[Tensor]], Tensor | None,
+                      Tensor | None], None]
 
 
 def non_negative(name: str, value: Any) -> None:
@@ -87,15 +91,7 @@ def flag(name: str, value: Any) -> None:
     validation.flag(name, value, allow_none=True)
 
 
-def _load_fused_kernel(name: str) -> Callable[..., None] | None:
-    try:
-        kernels = importlib.import_module("lightning_optkit.kernels")
-    except ImportError:
-        return None
-    return getattr(kernels, name, None)
-
-
-class KitOptimizer(StepModifiers, torch.optim.Optimizer):
+class KitOptimizer(StepOptimizer):
     """A torch optimizer defined by its hyperparameter checks, its state and one update rule.
 
     Subclasses call ``super().__init__(params, **hyperparameters)`` from an ``__init__`` with explicit
@@ -106,9 +102,8 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
     state_names: ClassVar[tuple[str, ...]] = ()
     scalar_state_names: ClassVar[tuple[str, ...]] = ()
     counts_steps: ClassVar[bool] = True
-    fused_kernel: ClassVar[str | None] = None
-    #: Read by build_optimizers, which names a complex parameter of the model before constructing this.
-    supports_complex: ClassVar[bool] = False
+    #: The fused kernel (a staticmethod), or None: no ``fused=True`` (see the module docstring).
+    fused_step: ClassVar[FusedStep | None] = None
     #: True: ``_update`` iterates :meth:`_blocks` (cache-sized pieces; scale and skip applied per block)
     blocked: ClassVar[bool] = False
     block_numel: ClassVar[int | None] = None  # None: BLOCK_NUMEL per intra-op thread (blocks.block_numel_for)
@@ -116,22 +111,13 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **defaults: Any) -> None:
         defaults.setdefault("foreach", None)
-        if self.fused_kernel is not None:
+        if self.fused_step is not None:
             defaults.setdefault("fused", None)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------- groups
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, validating its hyperparameters and rejecting complex parameters."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-        except (ValueError, NotImplementedError):
-            self.param_groups.pop()
-            raise
-
     def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check the group's hyperparameters (``validators``), ``foreach``/``fused`` and refuse complex params."""
         name = type(self).__name__
         for key, check in self.validators.items():
             check(key, group[key])
@@ -141,18 +127,25 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
                 raise SpecError("params", f"parameter {i} of dtype {p.dtype}",
                                 f"{name} has no complex support: optimize torch.view_as_real(p) as a real "
                                 "parameter instead", problem="is a complex parameter")
-        if self.fused_kernel is not None:
+        if "fused" in group:
             flag("fused", group["fused"])
-            if group["fused"] and _load_fused_kernel(self.fused_kernel) is None:
+            if group["fused"] and self.fused_step is None:
                 raise NotImplementedError(
-                    f"{name}(fused=True) needs lightning_optkit.kernels.{self.fused_kernel}, which this "
-                    "installation does not provide yet; use fused=None (the foreach path) instead"
+                    f"{name}(fused=True) needs a fused kernel from lightning_optkit.kernels, which this "
+                    "installation does not provide; use fused=None (the foreach path) instead"
                 )
 
     # ------------------------------------------------------------------------------------------ state
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """Fresh per-parameter state: zeros like ``p`` for each of ``state_names``."""
         return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """:meth:`_init_state`, then a 0-d ``step`` counter when the optimizer counts steps."""
+        state = self._init_state(p, group)
+        if self.counts_steps:
+            state["step"] = torch.zeros((), dtype=scalar_dtype(p), device=p.device)
+        return state
 
     def _counter_names(self) -> tuple[str, ...]:
         return (("step",) if self.counts_steps else ()) + self.scalar_state_names
@@ -169,59 +162,26 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
                     if name in state:
                         state[name] = state[name].to(device=p.device, dtype=scalar_dtype(p))
 
-    def _gather(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[Tensor]]:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        for i, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (parameter {i} of param group "
-                    f"{group_index}); use torch.optim.SparseAdam for it, or nn.Embedding(sparse=False)"
-                )
-            state = self.state[p]
-            if not state:
-                state.update(self._init_state(p, group))
-                if self.counts_steps:
-                    state["step"] = torch.zeros((), dtype=scalar_dtype(p), device=p.device)
-            params.append(p)
-            grads.append(grad)
-        return params, grads
-
     # ------------------------------------------------------------------------------------------- step
-    def _check_ready(self) -> None:
-        """Raise when the optimizer cannot step now (hook for subclasses; called before the closure)."""
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run the closure (with grad enabled) if given, update every parameter, return the loss."""
-        self._check_ready()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        scale, skip = self.pop_step_modifiers()
-        for index, group in enumerate(self.param_groups):
-            params, grads = self._gather(group, index)
-            if not params:
-                continue
-            if self.fused_kernel is not None and group["fused"]:
-                self._fused_step(group, params, grads, self._state_lists(params), scale, skip)
-                continue
-            if group["foreach"] is False:
-                for p, g in zip(params, grads):
-                    self._run_rule(group, [p], [g], scale, skip)
-            else:
-                buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-                for p, g in zip(params, grads):
-                    bucket = buckets.setdefault((p.device, p.dtype), ([], []))
-                    bucket[0].append(p)
-                    bucket[1].append(g)
-                for bucket_params, bucket_grads in buckets.values():
-                    self._run_rule(group, bucket_params, bucket_grads, scale, skip)
-        return loss
+    def update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], *,
+                     grad_scale: Tensor | None = None, skip: Tensor | None = None) -> None:
+        """The rule over ``params`` of ``group`` (see :meth:`StepOptimizer.update_group`): the fused kernel
+        (``fused=True``), once per parameter (``foreach=False``) or once per (device, dtype) bucket."""
+        for p in params:
+            self._state_of(p, group)
+        if self.fused_step is not None and group.get("fused"):
+            self._fused_update(group, params, grads, grad_scale, skip)
+        elif group["foreach"] is False:
+            for p, g in zip(params, grads):
+                self._run_rule(group, [p], [g], grad_scale, skip)
+        else:
+            buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for p, g in zip(params, grads):
+                bucket = buckets.setdefault((p.device, p.dtype), ([], []))
+                bucket[0].append(p)
+                bucket[1].append(g)
+            for bucket_params, bucket_grads in buckets.values():
+                self._run_rule(group, bucket_params, bucket_grads, grad_scale, skip)
 
     def _state_lists(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
         names = self.state_names + self._counter_names()
@@ -359,17 +319,18 @@ class KitOptimizer(StepModifiers, torch.optim.Optimizer):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement _update")
 
-    def _fused_step(
+    def _fused_update(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-        state_lists: dict[str, list[Tensor]], scale: Tensor | None, skip: Tensor | None,
+        scale: Tensor | None, skip: Tensor | None,
     ) -> None:
-        """Hand the group to ``lightning_optkit.kernels.<fused_kernel>`` (see the module docstring)."""
-        kernel = _load_fused_kernel(self.fused_kernel or "")
-        if kernel is None:
-            raise NotImplementedError(f"lightning_optkit.kernels.{self.fused_kernel} is not available")
+        """Hand the group to :attr:`fused_step` (see the module docstring); FSDP2 shards go as local tensors."""
+        state_lists = self._state_lists(params)
         if any_sharded(params):  # FSDP2: element-wise kernels on each rank's shards
             params, grads = list(local_tensors(params)), list(local_tensors(grads))
             state_lists = {name: list(local_tensors(ts)) for name, ts in state_lists.items()}
+        kernel = self.fused_step
+        if kernel is None:
+            raise NotImplementedError(f"{type(self).__name__} has no fused kernel; use fused=None")
         kernel(group, params, grads, state_lists, scale, skip)
 
 

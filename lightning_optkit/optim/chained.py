@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.optim.core import run_closure
 
 
 class _ChainedState(MutableMapping):
@@ -110,10 +111,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the closure once (grad enabled), then step every member; return the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss

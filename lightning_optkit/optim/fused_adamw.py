@@ -19,7 +19,7 @@ coefficient over through :meth:`defer_grad_scale` instead of clipping itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from lightning_optkit.kernels.functional import adamw_step, grad_norm
 from lightning_optkit.kernels.lean_adamw import LeanHyper, lean_adamw, state_kind
 from lightning_optkit.norms import clip_coefficient, combine_norms, tensor_norms
 from lightning_optkit.optim import lean_state
-from lightning_optkit.optim.modifiers import StepModifiers
+from lightning_optkit.optim.core import Batch, StepOptimizer
 from lightning_optkit.registry import register_optimizer
 from lightning_optkit.sharding import any_sharded, local_tensors
 
@@ -74,13 +74,13 @@ COMPLEX_FIX = ("train it with torch.optim.AdamW ('adamw', which steps complex pa
                "ChainSpec member or a second optimizer with params= naming it, or register "
                "torch.view_as_real(p) as the parameter")
 
-# Attributes set by FusedAdamW.__init__ that a deepcopy or pickle must carry (see __getstate__).
-_PICKLED_ATTRIBUTES = ("max_grad_norm", "backend", "stochastic_rounding", "skipped_steps", "last_grad_norm",
-                       "_sr_seed_host", "_sr_seeds", "rounding_seed")
+# Settings an unpickled FusedAdamW without them starts from (see __setstate__).
+_SETTING_DEFAULTS = {"max_grad_norm": None, "backend": "auto", "stochastic_rounding": False, "last_grad_norm": None,
+                     "rounding_seed": 0}
 
 
 @register_optimizer("fused_adamw")
-class FusedAdamW(StepModifiers, torch.optim.Optimizer):
+class FusedAdamW(StepOptimizer):
     """AdamW (torch semantics) with in-step global-norm clipping and sync-free non-finite skipping.
 
     Args:
@@ -122,8 +122,9 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
-    #: Read by build_optimizers, which names a complex parameter of the model before constructing this.
-    supports_complex = False
+    # Set by __init__; a deepcopy or pickle carries them (torch's __getstate__ alone would not).
+    pickled_attributes = ("max_grad_norm", "backend", "stochastic_rounding", "skipped_steps", "last_grad_norm",
+                          "_sr_seed_host", "_sr_seeds", "rounding_seed")
 
     def __init__(
         self,
@@ -188,21 +189,26 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
                                 "(it applies to every group), and drop it from the param group",
                                 problem="is an optimizer-wide option that a param group cannot change")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Refuse complex parameters and amsgrad with lean state; normalise ``state_dtype``/``lean_min_numel``."""
         for i, p in enumerate(group["params"]):
             if torch.is_complex(p):
-                self.param_groups.pop()
-                raise SpecError("params", f"param group {len(self.param_groups)}, parameter {i}: {p.dtype}, shape "
-                                f"{tuple(p.shape)}", COMPLEX_FIX, problem="is a complex parameter, which FusedAdamW "
-                                "cannot train")
+                raise SpecError("params", f"param group {len(self.param_groups) - 1}, parameter {i}: {p.dtype}, "
+                                f"shape {tuple(p.shape)}", COMPLEX_FIX, problem="is a complex parameter, which "
+                                "FusedAdamW cannot train")
         group["state_dtype"] = lean_state.check_state_dtype("param group state_dtype", group["state_dtype"])
         group["lean_min_numel"] = lean_state.check_min_numel("param group lean_min_numel", group["lean_min_numel"])
         if group["amsgrad"] and group["state_dtype"] != "float32":
             raise SpecError("amsgrad", True, "use amsgrad=False with lean state, or state_dtype='float32' for "
                             "this group", problem=f"is not supported with state_dtype={group['state_dtype']!r}")
 
-    def _advance_sr_seeds(self) -> None:
-        """Move every stochastic-rounding seed on by one, on device: fresh noise for the next step."""
+    def finish_step(self) -> None:
+        """Move every stochastic-rounding seed on by one, on device: fresh noise for the next step.
+
+        Every group of a step uses the same seed; a caller of :meth:`update_group` outside :meth:`step`
+        (the DDP overlap hook) calls this once per step.
+        """
         for seed in self._sr_seeds.values():
             seed.add_(1)
 
@@ -215,32 +221,14 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             seed = self._sr_seeds[device] = self._sr_seed_host.to(device)
         return seed
 
-    def __getstate__(self) -> dict[str, Any]:
-        """torch's state (defaults, state, param_groups) plus the optimizer-wide settings and counters.
-
-        torch's ``Optimizer.__getstate__`` keeps only the former, so without this a deepcopy or an
-        unpickled FusedAdamW lost ``max_grad_norm``, ``backend`` and ``skipped_steps`` and could not step.
-        """
-        state = super().__getstate__()
-        state.update({key: self.__dict__[key] for key in _PICKLED_ATTRIBUTES if key in self.__dict__})
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        extra = {key: state.pop(key) for key in _PICKLED_ATTRIBUTES if key in state}
+        """The base's (settings the call does not carry keep their current values); an unpickled optimizer
+        without them starts from the defaults, and old param groups get the keys added since."""
         super().__setstate__(state)
-        # torch's load_state_dict calls this too, with only state and param_groups: settings the call does
-        # not carry keep their current values (an unpickled optimizer starts from the defaults).
-        current = self.__dict__
-        defaults = {"max_grad_norm": None, "backend": "auto", "stochastic_rounding": False, "last_grad_norm": None,
-                    "rounding_seed": 0}
-        for key, default in defaults.items():
-            setattr(self, key, extra.get(key, current.get(key, default)))
-        zero = torch.zeros((), dtype=torch.int64)
-        self.skipped_steps = extra.get("skipped_steps", current.get("skipped_steps", zero))
-        self._sr_seeds = extra.get("_sr_seeds", current.get("_sr_seeds", {}))
-        if "_sr_seed_host" in extra:
-            self._sr_seed_host = extra["_sr_seed_host"]
+        for key, default in _SETTING_DEFAULTS.items():
+            self.__dict__.setdefault(key, default)
+        self.__dict__.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
+        self.__dict__.setdefault("_sr_seeds", {})
         self._path_log = PathLogger(type(self).__name__)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -303,31 +291,33 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         return out
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """``p``'s state, created on first use in the layout :func:`lean_state.lean_kind` decides."""
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state.update(lean_state.new_state(p, lean_state.lean_kind(p, group)))
+        """Fresh moments for ``p`` in the layout :func:`lean_state.lean_kind` decides."""
+        return lean_state.new_state(p, lean_state.lean_kind(p, group))
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """A 0-d float32 ``step`` (torch AdamW's), then the moments."""
+        return {"step": torch.zeros((), dtype=torch.float32, device=p.device), **self._init_state(p, group)}
+
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The base's lazy state, plus ``max_exp_avg_sq`` once the group uses amsgrad."""
+        state = super()._state_of(p, group)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p),
                                                        memory_format=torch.preserve_format)
         return state
 
-    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        batches = []
-        for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
-                self._init_state(p, group)
-                params.append(p)
-                grads.append(p.grad)
-            if params:
-                batches.append((group, params, grads))
-        return batches
+    def _decide(self, batches: list[Batch]) -> tuple[Tensor | None, Tensor | None]:
+        """The step's multiplier and skip flag (:meth:`_scale_and_skip`); the skip is counted in
+        ``skipped_steps``."""
+        if not batches:
+            return self.pop_step_modifiers()
+        all_grads = [g for _, _, grads in batches for g in grads]
+        device = all_grads[0].device
+        mult, skip = self._scale_and_skip(all_grads, device)
+        if self.skipped_steps.device != device:
+            self.skipped_steps = self.skipped_steps.to(device)
+        self.skipped_steps.add_(skip.to(torch.int64))
+        return mult, skip
 
     def _scale_and_skip(self, grads: list[Tensor], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """The gradient multiplier and skip flag for this step, from every source, on ``device``."""
@@ -362,28 +352,6 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
             skip = skip | flag
         return mult, skip.to(torch.float32)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step over every parameter with a gradient; runs ``closure`` first if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        batches = self._gather()
-        if not batches:
-            self.pop_step_modifiers()
-            return loss
-        all_grads = [g for _, _, grads in batches for g in grads]
-        device = all_grads[0].device
-        mult, skip = self._scale_and_skip(all_grads, device)
-        if self.skipped_steps.device != device:
-            self.skipped_steps = self.skipped_steps.to(device)
-        self.skipped_steps.add_(skip.to(torch.int64))
-        for group, params, grads in batches:
-            self.update_group(group, params, grads, grad_scale=mult, skip=skip)
-        self._advance_sr_seeds()
-        return loss
-
     def _salt(self, p: Tensor) -> int:
         """``p``'s index among all parameters: tells tensors apart in the stochastic-rounding noise."""
         salts = self.__dict__.get("_salts")
@@ -410,7 +378,7 @@ class FusedAdamW(StepModifiers, torch.optim.Optimizer):
         leaves everything untouched (both 0-d device tensors or None). The step and the DDP overlap hook
         both call this. fp32-state parameters take the fused kernels; lean ones the lean path.
         """
-        states = [self._init_state(p, group) for p in params]
+        states = [self._state_of(p, group) for p in params]
         lean = [self._takes_lean_path(p, st) for p, st in zip(params, states)]
         beta1, beta2 = group["betas"]
         plain = [i for i, is_lean in enumerate(lean) if not is_lean]

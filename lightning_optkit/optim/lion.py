@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_optkit.kernels.hooks import lion_fused_step
 from lightning_optkit.kernels.torch_fused import lion_lists
 from lightning_optkit.optim.base import KitOptimizer, betas, non_negative
 from lightning_optkit.registry import register_optimizer
@@ -22,7 +23,7 @@ class Lion(KitOptimizer):
     with the foreach path bit for bit; the Triton kernel on CUDA rounds in its own order). Defaults as
     the reference: lr=1e-4, betas=(0.9, 0.99), wd=0 (the paper suggests a 3-10x smaller lr and 3-10x
     larger wd than AdamW). State: ``exp_avg``.
-    ``fused=True`` uses ``lightning_optkit.kernels.lion_fused_step``, which applies a deferred grad
+    ``fused=True`` uses :func:`~lightning_optkit.kernels.hooks.lion_fused_step`, which applies a deferred grad
     scale and skip flag inside the update: the fast path for runs with NonFiniteGuard or
     GradientClipping (the foreach path snapshots and selects every parameter and moment on a guarded
     step). On CPU it runs foreach ops with the scale and skip folded in (0.6x the guarded foreach step's
@@ -33,7 +34,7 @@ class Lion(KitOptimizer):
     state_names = ("exp_avg",)
     counts_steps = False
     blocked = True
-    fused_kernel = "lion_fused_step"
+    fused_step = staticmethod(lion_fused_step)
 
     def __init__(
         self,

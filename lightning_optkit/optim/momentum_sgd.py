@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.errors import SpecError
+from lightning_optkit.kernels.hooks import momentum_sgd_fused_step
 from lightning_optkit.optim.base import KitOptimizer, non_negative, scalar_dtype
 from lightning_optkit.registry import register_optimizer
 
@@ -23,7 +24,7 @@ class MomentumSGD(KitOptimizer):
     needs d = 0, as in torch). State per parameter: ``momentum_buffer`` (torch's name); with a nonzero
     dampening also a ``step`` counter (to find a parameter's first step on the device: the buffer
     starts at zero, which for d = 0 gives torch's first value ``g`` exactly without one). ``fused=True``
-    uses ``lightning_optkit.kernels.momentum_sgd_fused_step``, which applies a deferred grad scale and
+    uses :func:`~lightning_optkit.kernels.hooks.momentum_sgd_fused_step`, which applies a deferred grad scale and
     skip flag inside its single pass: the fast path for runs with NonFiniteGuard or GradientClipping
     (the foreach path snapshots and selects every parameter and buffer on a guarded step). The fused
     kernels have no first-step rule, so ``fused=True`` takes ``dampening=0`` only.
@@ -33,7 +34,7 @@ class MomentumSGD(KitOptimizer):
                   "dampening": non_negative}
     state_names = ("momentum_buffer",)
     counts_steps = False
-    fused_kernel = "momentum_sgd_fused_step"
+    fused_step = staticmethod(momentum_sgd_fused_step)
 
     def __init__(
         self,

@@ -121,6 +121,7 @@ def lean_adamw(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
     salts: Sequence[int], hyper: LeanHyper, *, grad_scale: Tensor | None = None, skip: Tensor | None = None,
     seed: int = 0, stochastic_params: bool = False, backend: str = "torch", path_log: PathLogger | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """One AdamW step, in place, for contiguous local tensors with lean (or fp32) state.
 
@@ -130,6 +131,8 @@ def lean_adamw(
     tensor, nonzero skips. ``stochastic_params``: write bf16 parameters with stochastic rounding.
     ``backend`` (see :mod:`lightning_optkit.kernels.dispatch`) sends int8/bf16 groups that suit the
     Triton kernel there (one launch per device, dtype and layout); fp32-state ones always run here.
+    ``offsets[i]``: the flat index of the local tensor's first element in the whole (FSDP2-sharded)
+    parameter, so that the rounding noise is the unsharded run's (see :func:`lean_codec.tensor_key`).
     """
     if not params:
         return
@@ -145,9 +148,10 @@ def lean_adamw(
     decay = (1.0 - lr * hyper.weight_decay) if isinstance(lr, Tensor) else None
     decay = decay.float() if decay is not None else 1.0 - hyper.lr * hyper.weight_decay
     mult = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(())
-    keys = [codec.tensor_key(seed, st["step"], 2 * salt) for st, salt in zip(states, salts)]
-    param_keys = [codec.tensor_key(seed, st["step"], 2 * salt + 1) for st, salt in zip(states, salts)] if (
-        stochastic_params) else None
+    offsets = offsets or [0] * len(states)
+    keys = [codec.tensor_key(seed, st["step"], 2 * salt, off) for st, salt, off in zip(states, salts, offsets)]
+    param_keys = [codec.tensor_key(seed, st["step"], 2 * salt + 1, off) for st, salt, off in
+                  zip(states, salts, offsets)] if stochastic_params else None
     launches: dict[tuple[torch.device, torch.dtype, str], list[int]] = {}
     lib = lean_native.library() if device.type == "cpu" else None
     native = _NativeArgs(hyper, step_sizes, bc2_sqrts, decay, mult, keep, keys, param_keys) if lib else None

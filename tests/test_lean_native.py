@@ -120,3 +120,29 @@ def test_without_a_compiler_the_step_falls_back_to_torch_ops(gen, monkeypatch, c
     for p, q in zip(fallback[0], eager[0]):
         assert torch.equal(p, q)
         assert all(torch.equal(fallback[1].state[p][k], v) for k, v in eager[1].state[q].items())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_shard_keyed_by_its_offset_rounds_like_the_whole_tensor(native, gen, monkeypatch):
+    """bf16 state (element-wise): two row shards stepped with their flat offsets equal the whole tensor."""
+    from lightning_optkit.kernels.lean_adamw import LeanHyper, lean_adamw
+    from lightning_optkit.optim.lean_state import new_state
+
+    monkeypatch.setenv(lean_native.NATIVE_ENV, "1" if native else "0")
+    p = torch.randn(64, 300, generator=gen).bfloat16()
+    hyper = LeanHyper(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+    def state() -> dict[str, torch.Tensor]:
+        return {"step": torch.zeros(()), **new_state(p, "bfloat16")}
+
+    whole, whole_state = p.clone(), state()
+    shards = [p[:33].clone(), p[33:].clone()]
+    shard_states = [{"step": torch.zeros(()), **new_state(s, "bfloat16")} for s in shards]
+    for _ in range(3):
+        g = torch.randn(p.shape, generator=gen).bfloat16()
+        lean_adamw([whole], [g], [whole_state], [4], hyper, seed=9, stochastic_params=True)
+        lean_adamw(shards, [g[:33].contiguous(), g[33:].contiguous()], shard_states, [4, 4], hyper, seed=9,
+                   stochastic_params=True, offsets=[0, 33 * 300])
+    assert torch.equal(torch.cat(shards), whole)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(torch.cat([s[key] for s in shard_states]), whole_state[key])

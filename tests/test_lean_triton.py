@@ -10,6 +10,7 @@ import torch
 from kernel_helpers import use_backend
 from torch import nn
 
+from lightning_optkit.kernels import lean_native
 from lightning_optkit.optim.fused_adamw import FusedAdamW
 
 pytest.importorskip("triton")
@@ -34,6 +35,8 @@ def _run(backend: str, state_dtype: str, dtype: torch.dtype, seed: int, steps: i
 @pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
 def test_triton_kernel_follows_the_torch_path(state_dtype, dtype, gen, monkeypatch):
     use_backend("triton", monkeypatch)
+    # the torch-op path, not the native CPU kernel (test_lean_native compares that one with torch ops)
+    monkeypatch.setenv(lean_native.NATIVE_ENV, "0")
     seed = int(torch.randint(0, 2**31, (), generator=gen))
     ours, ref = _run("triton", state_dtype, dtype, seed), _run("torch", state_dtype, dtype, seed)
     for p, q in zip(ours[0], ref[0]):

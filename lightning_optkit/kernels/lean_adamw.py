@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit.kernels import lean_codec as codec
+from lightning_optkit.kernels import lean_native
 from lightning_optkit.kernels.dispatch import PathLogger, select_backend
 
 _log_path = PathLogger("lightning_optkit.kernels")
@@ -120,6 +121,7 @@ def lean_adamw(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]],
     salts: Sequence[int], hyper: LeanHyper, *, grad_scale: Tensor | None = None, skip: Tensor | None = None,
     seed: int = 0, stochastic_params: bool = False, backend: str = "torch", path_log: PathLogger | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """One AdamW step, in place, for contiguous local tensors with lean (or fp32) state.
 
@@ -129,6 +131,8 @@ def lean_adamw(
     tensor, nonzero skips. ``stochastic_params``: write bf16 parameters with stochastic rounding.
     ``backend`` (see :mod:`lightning_optkit.kernels.dispatch`) sends int8/bf16 groups that suit the
     Triton kernel there (one launch per device, dtype and layout); fp32-state ones always run here.
+    ``offsets[i]``: the flat index of the local tensor's first element in the whole (FSDP2-sharded)
+    parameter, so that the rounding noise is the unsharded run's (see :func:`lean_codec.tensor_key`).
     """
     if not params:
         return
@@ -144,20 +148,29 @@ def lean_adamw(
     decay = (1.0 - lr * hyper.weight_decay) if isinstance(lr, Tensor) else None
     decay = decay.float() if decay is not None else 1.0 - hyper.lr * hyper.weight_decay
     mult = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(())
-    keys = [codec.tensor_key(seed, st["step"], 2 * salt) for st, salt in zip(states, salts)]
-    param_keys = [codec.tensor_key(seed, st["step"], 2 * salt + 1) for st, salt in zip(states, salts)] if (
-        stochastic_params) else None
+    offsets = offsets or [0] * len(states)
+    keys = [codec.tensor_key(seed, st["step"], 2 * salt, off) for st, salt, off in zip(states, salts, offsets)]
+    param_keys = [codec.tensor_key(seed, st["step"], 2 * salt + 1, off) for st, salt, off in
+                  zip(states, salts, offsets)] if stochastic_params else None
     launches: dict[tuple[torch.device, torch.dtype, str], list[int]] = {}
+    lib = lean_native.library() if device.type == "cpu" else None
+    native = _NativeArgs(hyper, step_sizes, bc2_sqrts, decay, mult, keep, keys, param_keys) if lib else None
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         kind = state_kind(state)
         tensors = (p, g, *state.values())
         path = "torch" if kind == "float32" else select_backend(
             backend, p.device, p.dtype, lambda tensors=tensors: all(t.is_contiguous() for t in tensors))
+        if path == "torch" and native is not None and lean_native.suits(p, g, state, kind):
+            path = "native"
         (path_log or _log_path)(p.device, p.dtype, f"adamw-{kind}/{path}")
         if path == "triton":
             launches.setdefault((p.device, p.dtype, kind), []).append(i)
             continue
         param_key = param_keys[i] if param_keys is not None and p.dtype == torch.bfloat16 else None
+        if path == "native":
+            lean_native.step(lib, p, g, state, kind, native.hyper[i], native.keys[i], maximize=hyper.maximize,
+                             param_sr=param_key is not None)
+            continue
         work = p if p.is_contiguous() else p.contiguous()
         for s in _slices(work, g.contiguous(), state):
             _update_slice(s, kind, hyper, step_sizes[i], bc2_sqrts[i], decay, mult, keep,
@@ -176,6 +189,22 @@ def lean_adamw(
             moment_keys=torch.stack([keys[i] for i in idx]),
             param_keys=None if param_keys is None else torch.stack([param_keys[i] for i in idx]),
         )
+
+
+class _NativeArgs:
+    """The per-tensor scalars of the native kernel as two small device tensors (built once per step)."""
+
+    def __init__(self, hyper: LeanHyper, step_sizes: Tensor, bc2_sqrts: Tensor, decay: float | Tensor,
+                 mult: Tensor | None, keep: Tensor | None, keys: list[Tensor], param_keys: list[Tensor] | None) -> None:
+        n = step_sizes.shape[0]
+        consts = torch.tensor([1.0 - hyper.beta1, hyper.beta2, 1.0 - hyper.beta2, hyper.eps], dtype=torch.float32)
+        per = [torch.as_tensor(x, dtype=torch.float32).reshape(()).expand(n)
+               for x in (decay, 1.0 if mult is None else mult, 1.0 if keep is None else keep.to(torch.float32))]
+        self.hyper = torch.cat([consts.expand(n, 4), step_sizes[:, None], bc2_sqrts[:, None],
+                                torch.stack(per, dim=1)], dim=1).contiguous()
+        stacked = torch.stack(keys)
+        self.keys = torch.stack([stacked, torch.stack(param_keys) if param_keys else torch.zeros_like(stacked)],
+                                dim=1).contiguous()
 
 
 def _update_slice(s: _Slice, kind: str, hyper: LeanHyper, step_size: Tensor, bc2_sqrt: Tensor,

@@ -128,9 +128,14 @@ def encode_root(root: Tensor, codes: Tensor, scale: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------- stochastic rounding
-def tensor_key(seed: int, step: Tensor, salt: int) -> Tensor:
-    """The per-tensor hash key (0-d int64 device tensor in [0, 2**32)) of this step: no host sync."""
-    base = (seed * _KEY_SEED + salt * _KEY_SALT) & _MASK32
+def tensor_key(seed: int, step: Tensor, salt: int, offset: int = 0) -> Tensor:
+    """The per-tensor hash key (0-d int64 device tensor in [0, 2**32)) of this step: no host sync.
+
+    ``offset``: the flat index of a shard's first element in the whole tensor. The hash adds the key to
+    the local element index, so a shard keyed with its offset draws the noise of the same elements of the
+    unsharded tensor: stochastic rounding does not depend on the number of processes.
+    """
+    base = (seed * _KEY_SEED + salt * _KEY_SALT + offset) & _MASK32
     return (step.to(torch.int64) * _KEY_STEP + base) & _MASK32
 
 

@@ -404,5 +404,5 @@ class FusedAdamW(StepOptimizer):
                 [{k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in states[i].items()} for i in chosen],
                 [self._salt(params[i]) for i in chosen], hyper, grad_scale=grad_scale, skip=skip,
                 seed=self.rounding_seed, stochastic_params=self.stochastic_rounding, backend=self.backend,
-                path_log=self._path_log,
+                path_log=self._path_log, offsets=[lean_state.flat_offset(params[i]) for i in chosen],
             )

@@ -64,6 +64,20 @@ def lean_kind(p: Tensor, group: dict[str, Any]) -> str:
     return wanted if p.numel() >= group.get("lean_min_numel", DEFAULT_MIN_NUMEL) else "float32"
 
 
+def flat_offset(p: Tensor) -> int:
+    """The flat index, in the whole parameter, of the first element of this rank's shard (0 unsharded)."""
+    if not isinstance(p, DTensor) or p.numel() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    flat, stride = 0, 1
+    for size, first in zip(reversed(p.shape), reversed(offset)):
+        flat += first * stride
+        stride *= size
+    return flat
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

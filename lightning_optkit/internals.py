@@ -55,3 +55,13 @@ def load_pending_loader_states(fit_loop: Any) -> bool:
     fit_loop._load_combined_loader_states()
     iter(fit_loop._data_fetcher)  # a new iterator (and prefetched batch) from the restored position
     return True
+
+
+def dtensor_global_offset(p: Any) -> tuple[int, ...]:
+    """``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``: where this rank's shard of
+    a DTensor starts in the whole tensor, for any mesh and placements (DTensor has no public accessor);
+    lean state keys its rounding noise by the element's index in the whole parameter."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(offset)

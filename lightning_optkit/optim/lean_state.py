@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from lightning_optkit import internals
 from lightning_optkit.errors import SpecError
 from lightning_optkit.kernels import lean_codec as codec
 from lightning_optkit.kernels.lean_adamw import state_kind
@@ -68,9 +69,7 @@ def flat_offset(p: Tensor) -> int:
     """The flat index, in the whole parameter, of the first element of this rank's shard (0 unsharded)."""
     if not isinstance(p, DTensor) or p.numel() == 0:
         return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    offset = internals.dtensor_global_offset(p)
     flat, stride = 0, 1
     for size, first in zip(reversed(p.shape), reversed(offset)):
         flat += first * stride

@@ -35,6 +35,8 @@ from torch import Tensor
 ENV = "LIGHTNING_OPTKIT_COMPILE"
 #: Tensors below this many elements keep the eager rule.
 MIN_NUMEL = 1 << 16
+#: Tensors per compiled call (a call costs about 100 us besides its work; a chunk of 8 shares it).
+CHUNK = 8
 _DTYPES = (torch.float32, torch.float64)
 _failed = False
 
@@ -64,6 +66,12 @@ def partition(owner: Any, lists: dict[str, list[Tensor]]) -> tuple[list[int], li
     return fast, rest
 
 
+def chunks(indices: Sequence[int], size: int | None = None) -> list[list[int]]:
+    """``indices`` in runs of :data:`CHUNK` (one compiled call each), the remainder last."""
+    size = size or CHUNK
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
 def subset(lists: dict[str, list[Tensor]], indices: Sequence[int]) -> dict[str, list[Tensor]]:
     """The ``indices`` entries of each list."""
     return {name: [ts[i] for i in indices] for name, ts in lists.items()}
@@ -78,10 +86,12 @@ class CompiledRule:
     """One element-wise rule, compiled on first call per variant; ``__call__`` returns False (nothing written)
     when compiling is unavailable, and the caller runs its eager rule instead.
 
-    A variant is what torch.compile would otherwise recompile for: the dtype, the thread count, which
-    arguments are None and the values of the non-tensor arguments. Each gets its own copy of the function
-    (its own code object, so its own compile cache entry): one compile each, and no recompile limit reached
-    however many variants a process uses. Tensors are passed flattened (one rank for every shape).
+    The rule takes lists of tensors (one chunk of at most :data:`CHUNK` tensors a call: a call's fixed cost,
+    guards and wrappers, is shared by the chunk) and per-tensor 0-d scalars in lists. A variant is what
+    torch.compile would otherwise recompile for: the dtype, the thread count, the list lengths, which arguments
+    are None and the values of the non-tensor arguments. Each gets its own copy of the function (its own code
+    object, so its own compile cache entry): one compile each, and no recompile limit reached however many
+    variants a process uses. Tensors are passed flattened (one rank for every shape).
     """
 
     def __init__(self, fn: Callable[..., None], *, contract: bool = False) -> None:
@@ -100,15 +110,16 @@ class CompiledRule:
             self._variants[key] = compiled
         return compiled
 
-    def __call__(self, *args: Tensor | None, **options: bool) -> bool:
+    def __call__(self, *args: list[Tensor] | Tensor | None, **options: bool) -> bool:
         global _failed
         if _failed:
             return False
-        tensors = [a.view(-1) if isinstance(a, Tensor) and a.dim() else a for a in args]
-        like = next(a for a in args if isinstance(a, Tensor))
-        key = (like.dtype, torch.get_num_threads(), tuple(a is None for a in args), tuple(sorted(options.items())))
+        flat = [[t.view(-1) for t in a] if isinstance(a, list) else a for a in args]
+        like = args[0][0] if isinstance(args[0], list) else args[0]
+        shape = tuple(len(a) if isinstance(a, list) else a is None for a in args)
+        key = (like.dtype, torch.get_num_threads(), shape, tuple(sorted(options.items())))
         try:
-            self._variant(key)(*tensors, **options)
+            self._variant(key)(*flat, **options)
         except Exception as error:  # noqa: BLE001 -- any compile failure: fall back to the eager rules
             _failed = True
             warnings.warn(f"lightning_optkit: compiling {self.fn.__name__} failed ({type(error).__name__}: "

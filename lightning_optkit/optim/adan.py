@@ -96,13 +96,14 @@ class Adan(KitOptimizer):
                                decay=-lr * wd if no_prox else -lr * wd / (1.0 + lr * wd))
         scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
         left = []
-        for i in fast:
-            tensors = [lists[name][i] for name in ("param", "grad", "exp_avg", "exp_avg_diff", "exp_avg_sq",
-                                                   "prev_grad")]
-            if not _ADAN(*tensors, not_first[i], diff_weight[i], scaled_eps[i],
-                         None if inv_step is None else inv_step[i], k["c1"], k["c2"], k["beta2"], k["beta3"],
-                         k["c3"], k["decay"], scale, skip, no_prox=no_prox, decayed=wd != 0):
-                left.append(i)
+        names = ("param", "grad", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+        for chunk in compiled.chunks(fast):
+            tensors = [[lists[name][i] for i in chunk] for name in names]
+            scalars = [[v[i] for i in chunk] for v in (not_first, diff_weight, scaled_eps)]
+            if not _ADAN(*tensors, *scalars, None if inv_step is None else [inv_step[i] for i in chunk], k["c1"],
+                         k["c2"], k["beta2"], k["beta3"], k["c3"], k["decay"], scale, skip, no_prox=no_prox,
+                         decayed=wd != 0):
+                left += chunk
         return left
 
     def _update_block(
@@ -144,27 +145,29 @@ class Adan(KitOptimizer):
 
 
 def _adan_rule(
-    p: Tensor, g: Tensor, m: Tensor, d: Tensor, n: Tensor, prev: Tensor, not_first: Tensor, diff_weight: Tensor,
-    scaled_eps: Tensor, inv_step: Tensor | None, c1: Tensor, c2: Tensor, beta2: Tensor, beta3: Tensor, c3: Tensor,
-    decay: Tensor, scale: Tensor | None, skip: Tensor, *, no_prox: bool, decayed: bool,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], ds: list[Tensor], ns: list[Tensor], prevs: list[Tensor],
+    not_firsts: list[Tensor], diff_weights: list[Tensor], scaled_epss: list[Tensor], inv_steps: list[Tensor] | None,
+    c1: Tensor, c2: Tensor, beta2: Tensor, beta3: Tensor, c3: Tensor, decay: Tensor, scale: Tensor | None,
+    skip: Tensor, *, no_prox: bool, decayed: bool,
 ) -> None:
-    """:meth:`Adan._update_block`'s ops on one tensor, fused (``rounded`` where eager rounds a product)."""
-    g = compiled.scaled_grad(g, scale)
-    diff = compiled.rounded(skip, (g - prev) * not_first)
-    new_m = torch.lerp(m, g, c1)
-    new_d = torch.lerp(d, diff, c2)
-    nesterov = g + diff * beta2
-    new_n = compiled.rounded(skip, n * beta3) + (c3 * nesterov) * nesterov  # eager addcmul: one FMA
-    new_p = p
-    if no_prox and decayed:
-        new_p = new_p + new_p * decay
-    if inv_step is not None:
-        denom = (new_n.sqrt() + scaled_eps) * inv_step
-        new_p = new_p + (compiled.rounded(skip, new_d * diff_weight) + new_m) / denom
-    if not no_prox and decayed:
-        new_p = new_p + new_p * decay
-    for old, new in ((p, new_p), (m, new_m), (d, new_d), (n, new_n), (prev, g)):
-        old.copy_(compiled.select(skip, old, new))
+    """:meth:`Adan._update_block`'s ops, fused per tensor (``rounded`` where eager rounds a product)."""
+    for j, (p, g, m, d, n, prev) in enumerate(zip(ps, gs, ms, ds, ns, prevs)):
+        g = compiled.scaled_grad(g, scale)
+        diff = compiled.rounded(skip, (g - prev) * not_firsts[j])
+        new_m = torch.lerp(m, g, c1)
+        new_d = torch.lerp(d, diff, c2)
+        nesterov = g + diff * beta2
+        new_n = compiled.rounded(skip, n * beta3) + (c3 * nesterov) * nesterov  # eager addcmul: one FMA
+        new_p = p
+        if no_prox and decayed:
+            new_p = new_p + new_p * decay
+        if inv_steps is not None:
+            denom = (new_n.sqrt() + scaled_epss[j]) * inv_steps[j]
+            new_p = new_p + (compiled.rounded(skip, new_d * diff_weights[j]) + new_m) / denom
+        if not no_prox and decayed:
+            new_p = new_p + new_p * decay
+        for old, new in ((p, new_p), (m, new_m), (d, new_d), (n, new_n), (prev, g)):
+            old.copy_(compiled.select(skip, old, new))
 
 
 #: Contracted, with the products eager rounds kept apart: eager's lerp and add(alpha=) are FMAs.

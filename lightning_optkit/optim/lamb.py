@@ -104,7 +104,7 @@ class LAMB(KitOptimizer):
         self, group: dict[str, Any], lists: dict[str, list[Tensor]], fast: list[int], bc1: list[Tensor],
         bc2: list[Tensor],
     ) -> list[int]:
-        """The rule on the ``fast`` tensors, one tensor at a time; returns those left to the eager rule."""
+        """The rule on the ``fast`` tensors, two at a time; returns those left to the eager rule."""
         if not fast:
             return []
         beta1, beta2 = group["betas"]
@@ -113,19 +113,23 @@ class LAMB(KitOptimizer):
                                wd=group["weight_decay"])
         scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
         left = []
-        for i in fast:
-            p, u = lists["param"][i], lists["update"][i]
-            if not _LAMB_DIRECTION(p, lists["grad"][i], lists["exp_avg"][i], lists["exp_avg_sq"][i], u, bc1[i],
-                                   bc2[i], k["c1"], k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
+        # chunks of 2 (not CHUNK): pass 2 re-reads p and u, which should still be in cache
+        for chunk in compiled.chunks(fast, 2):
+            ps, us = [lists["param"][i] for i in chunk], [lists["update"][i] for i in chunk]
+            columns = [[lists[name][i] for i in chunk] for name in ("grad", "exp_avg", "exp_avg_sq")]
+            if not _LAMB_DIRECTION(ps, *columns, us, [bc1[i] for i in chunk], [bc2[i] for i in chunk], k["c1"],
+                                   k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
                                    decayed=group["weight_decay"] != 0):
-                left.append(i)
+                left += chunk
                 continue
-            param_norm, update_norm = torch._foreach_norm([p, u])
+            norms = torch.stack(torch._foreach_norm([*ps, *us]))
+            param_norm, update_norm = norms[:len(chunk)], norms[len(chunk):]
             usable = (param_norm > 0) & (update_norm > 0)  # the eager rule's ratio, op for op
             ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
-            ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"])
-            if not _LAMB_APPLY(p, u, ratio, skip):  # compiling failed since pass 1: the same ops, eagerly
-                torch.where(skip, p, p + u * ratio, out=p)
+            ratios = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"]).unbind()
+            if not _LAMB_APPLY(ps, us, list(ratios), skip):  # compiling failed since pass 1: the same ops, eagerly
+                for p, u, r in zip(ps, us, ratios):
+                    torch.where(skip, p, p + u * r, out=p)
         return left
 
     def _update_buffers(self, params: list[Tensor]) -> list[Tensor]:
@@ -177,25 +181,28 @@ def _per_tensor_norm(norms: list[Tensor], pieces: list[int], count: int) -> Tens
 
 
 def _lamb_direction_rule(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, u: Tensor, bc1: Tensor, bc2: Tensor, c1: Tensor, beta2: Tensor,
-    c2: Tensor, eps: Tensor, wd: Tensor, scale: Tensor | None, skip: Tensor, *, decayed: bool,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], us: list[Tensor], bc1s: list[Tensor],
+    bc2s: list[Tensor], c1: Tensor, beta2: Tensor, c2: Tensor, eps: Tensor, wd: Tensor, scale: Tensor | None,
+    skip: Tensor, *, decayed: bool,
 ) -> None:
-    """:meth:`LAMB._direction`'s ops on one tensor, fused: the moments and ``u`` (``rounded`` where eager rounds
-    a product before adding it)."""
-    g = compiled.scaled_grad(g, scale)
-    new_m = torch.lerp(m, g, c1)
-    new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
-    update = new_m / bc1 / ((new_v / bc2).sqrt() + eps)
-    if decayed:
-        update = update + p * wd
-    u.copy_(update)
-    m.copy_(compiled.select(skip, m, new_m))
-    v.copy_(compiled.select(skip, v, new_v))
+    """:meth:`LAMB._direction`'s ops, fused per tensor: the moments and ``u`` (``rounded`` where eager rounds a
+    product before adding it)."""
+    for j, (p, g, m, v, u) in enumerate(zip(ps, gs, ms, vs, us)):
+        g = compiled.scaled_grad(g, scale)
+        new_m = torch.lerp(m, g, c1)
+        new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
+        update = new_m / bc1s[j] / ((new_v / bc2s[j]).sqrt() + eps)
+        if decayed:
+            update = update + p * wd
+        u.copy_(update)
+        m.copy_(compiled.select(skip, m, new_m))
+        v.copy_(compiled.select(skip, v, new_v))
 
 
-def _lamb_apply_rule(p: Tensor, u: Tensor, ratio: Tensor, skip: Tensor) -> None:
-    """``p + u * ratio`` (``ratio`` = -lr * trust ratio), the product rounded first as eager does."""
-    p.copy_(compiled.select(skip, p, p + compiled.rounded(skip, u * ratio)))
+def _lamb_apply_rule(ps: list[Tensor], us: list[Tensor], ratios: list[Tensor], skip: Tensor) -> None:
+    """``p + u * ratio`` per tensor (``ratio`` = -lr * trust ratio), the product rounded first as eager does."""
+    for p, u, ratio in zip(ps, us, ratios):
+        p.copy_(compiled.select(skip, p, p + compiled.rounded(skip, u * ratio)))
 
 
 #: Contracted, with the products eager rounds kept apart: eager's lerp, addcmul and add(alpha=) are FMAs.

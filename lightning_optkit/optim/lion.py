@@ -60,10 +60,11 @@ class Lion(KitOptimizer):
             lr, wd = group["lr"], group["weight_decay"]
             k = compiled.constants(params[fast[0]], rate=lr * wd, neg_lr=-lr, c1=1.0 - beta1, c2=1.0 - beta2)
             scale, skip = compiled.modifiers(*self._block_modifiers[:2], params[fast[0]])
-            for i in fast:
-                if not _LION(params[i], grads[i], state["exp_avg"][i], k["rate"], k["neg_lr"], k["c1"], k["c2"],
-                             scale, skip, decayed=wd != 0):
-                    rest.append(i)
+            for chunk in compiled.chunks(fast):
+                if not _LION([params[i] for i in chunk], [grads[i] for i in chunk],
+                             [state["exp_avg"][i] for i in chunk], k["rate"], k["neg_lr"], k["c1"], k["c2"], scale,
+                             skip, decayed=wd != 0):
+                    rest += chunk
             if not rest:
                 return
             lists = compiled.subset(lists, sorted(rest))
@@ -73,14 +74,15 @@ class Lion(KitOptimizer):
                        weight_decay=group["weight_decay"])
 
 
-def _lion_rule(p: Tensor, g: Tensor, m: Tensor, rate: Tensor, neg_lr: Tensor, c1: Tensor, c2: Tensor,
-               scale: Tensor | None, skip: Tensor, *, decayed: bool) -> None:
-    """Lion's foreach rule (:func:`~lightning_optkit.kernels.torch_fused.lion_lists`) on one tensor, fused."""
-    g = compiled.scaled_grad(g, scale)
-    new_p = p - compiled.rounded(skip, p * rate) if decayed else p
-    new_p = new_p + torch.lerp(m, g, c1).sign() * neg_lr
-    p.copy_(compiled.select(skip, p, new_p))
-    m.copy_(compiled.select(skip, m, torch.lerp(m, g, c2)))
+def _lion_rule(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], rate: Tensor, neg_lr: Tensor, c1: Tensor,
+               c2: Tensor, scale: Tensor | None, skip: Tensor, *, decayed: bool) -> None:
+    """Lion's foreach rule (:func:`~lightning_optkit.kernels.torch_fused.lion_lists`), fused per tensor."""
+    for p, g, m in zip(ps, gs, ms):
+        g = compiled.scaled_grad(g, scale)
+        new_p = p - compiled.rounded(skip, p * rate) if decayed else p
+        new_p = new_p + torch.lerp(m, g, c1).sign() * neg_lr
+        p.copy_(compiled.select(skip, p, new_p))
+        m.copy_(compiled.select(skip, m, torch.lerp(m, g, c2)))
 
 
 #: Contracted: eager torch's lerp is an FMA, so the compiled lerp must be one to give its bits.

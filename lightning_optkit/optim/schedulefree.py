@@ -147,11 +147,11 @@ class ScheduleFreeAdamW(KitOptimizer):
             like = params[fast[0]]
             k = compiled.constants(like, beta2=beta2, c2=1.0 - beta2, eps=group["eps"], wd=group["weight_decay"])
             scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
-            for i in fast:
-                if not _SCHEDULE_FREE(params[i], grads[i], zs[i], exp_avg_sqs[i], bc2[i], weight[i], y_coef[i],
-                                      z_coef[i], k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
+            for chunk in compiled.chunks(fast):
+                columns = [[v[i] for i in chunk] for v in (params, grads, zs, exp_avg_sqs, bc2, weight, y_coef, z_coef)]
+                if not _SCHEDULE_FREE(*columns, k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
                                       decayed=group["weight_decay"] != 0):
-                    rest.append(i)
+                    rest += chunk
             if not rest:
                 return
             rest.sort()
@@ -186,21 +186,23 @@ class ScheduleFreeAdamW(KitOptimizer):
 
 
 def _schedule_free_rule(
-    p: Tensor, g: Tensor, z: Tensor, v: Tensor, bc2: Tensor, weight: Tensor, y_coef: Tensor, z_coef: Tensor,
-    beta2: Tensor, c2: Tensor, eps: Tensor, wd: Tensor, scale: Tensor | None, skip: Tensor, *, decayed: bool,
+    ps: list[Tensor], gs: list[Tensor], zs: list[Tensor], vs: list[Tensor], bc2s: list[Tensor], weights: list[Tensor],
+    y_coefs: list[Tensor], z_coefs: list[Tensor], beta2: Tensor, c2: Tensor, eps: Tensor, wd: Tensor,
+    scale: Tensor | None, skip: Tensor, *, decayed: bool,
 ) -> None:
-    """:meth:`ScheduleFreeAdamW._update_block`'s ops on one tensor, fused (``rounded`` where eager rounds a
+    """:meth:`ScheduleFreeAdamW._update_block`'s ops, fused per tensor (``rounded`` where eager rounds a
     product before adding it)."""
-    g = compiled.scaled_grad(g, scale)
-    new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
-    normalized = g / ((new_v / bc2).sqrt() + eps)
-    if decayed:
-        normalized = normalized + p * wd
-    new_p = torch.lerp(p, z, weight)
-    new_p = new_p + compiled.rounded(skip, normalized * y_coef)
-    new_z = z + compiled.rounded(skip, normalized * z_coef)
-    for old, new in ((p, new_p), (z, new_z), (v, new_v)):
-        old.copy_(compiled.select(skip, old, new))
+    for j, (p, g, z, v) in enumerate(zip(ps, gs, zs, vs)):
+        g = compiled.scaled_grad(g, scale)
+        new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
+        normalized = g / ((new_v / bc2s[j]).sqrt() + eps)
+        if decayed:
+            normalized = normalized + p * wd
+        new_p = torch.lerp(p, z, weights[j])
+        new_p = new_p + compiled.rounded(skip, normalized * y_coefs[j])
+        new_z = z + compiled.rounded(skip, normalized * z_coefs[j])
+        for old, new in ((p, new_p), (z, new_z), (v, new_v)):
+            old.copy_(compiled.select(skip, old, new))
 
 
 #: Contracted, with the products eager rounds kept apart: eager's lerp, addcmul and add(alpha=) are FMAs.

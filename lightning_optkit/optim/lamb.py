@@ -104,7 +104,7 @@ class LAMB(KitOptimizer):
         self, group: dict[str, Any], lists: dict[str, list[Tensor]], fast: list[int], bc1: list[Tensor],
         bc2: list[Tensor],
     ) -> list[int]:
-        """The rule on the ``fast`` tensors, two at a time; returns those left to the eager rule."""
+        """The rule on the ``fast`` tensors, a chunk at a time; returns those left to the eager rule."""
         if not fast:
             return []
         beta1, beta2 = group["betas"]
@@ -113,8 +113,7 @@ class LAMB(KitOptimizer):
                                wd=group["weight_decay"])
         scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
         left = []
-        # chunks of 2 (not CHUNK): pass 2 re-reads p and u, which should still be in cache
-        for chunk in compiled.chunks(fast, 2):
+        for chunk in compiled.chunks(fast):
             ps, us = [lists["param"][i] for i in chunk], [lists["update"][i] for i in chunk]
             columns = [[lists[name][i] for i in chunk] for name in ("grad", "exp_avg", "exp_avg_sq")]
             if not _LAMB_DIRECTION(ps, *columns, us, [bc1[i] for i in chunk], [bc2[i] for i in chunk], k["c1"],

@@ -70,12 +70,17 @@ def train(cls, kwargs, block_numel, dtype, gen_seed, foreach=True):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
         if step >= 3:  # guarded steps: a clip coefficient and a skip flag (step 5 skipped, with a NaN grad)
-            optimizer.defer_grad_scale(torch.tensor(0.37, dtype=dtype))
-            optimizer.defer_skip(torch.tensor(step == 5))
-            if step == 5:
-                params[0].grad[0, 0] = float("nan")
+            defer_guard(optimizer, params, dtype, skipped=step == 5)
         optimizer.step()
     return params, optimizer
+
+
+def defer_guard(optimizer, params, dtype, *, skipped: bool) -> None:
+    """A clip coefficient and a skip flag, as the guard callbacks defer them; a skipped step gets a NaN grad."""
+    optimizer.defer_grad_scale(torch.tensor(0.37, dtype=dtype))
+    optimizer.defer_skip(torch.tensor(skipped))
+    if skipped:
+        params[0].grad[0, 0] = float("nan")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

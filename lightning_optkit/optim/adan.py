@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optkit.kernels import compiled
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, flag, non_negative
 from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
@@ -69,10 +70,41 @@ class Adan(KitOptimizer):
         scaled_eps = (root_bc3 * group["eps"]).unbind()
         inv_step = (-bc1 / (root_bc3 * lr)).unbind() if lr != 0 else None
         lists = {"param": params, "grad": grads, **state}
+        fast, rest = compiled.partition(self, lists)
+        if fast:
+            rest += self._update_compiled(group, lists, fast, not_first, diff_weight, scaled_eps, inv_step)
+            if not rest:
+                return
+            rest.sort()
+            lists = compiled.subset(lists, rest)
+            not_first, diff_weight, scaled_eps = ([v[i] for i in rest] for v in (not_first, diff_weight, scaled_eps))
+            inv_step = None if inv_step is None else [inv_step[i] for i in rest]
         writes = ("param", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
         for owners, block in self._blocks(lists, writes):
             self._update_block(group, block, pick(not_first, owners), pick(diff_weight, owners),
                                pick(scaled_eps, owners), None if inv_step is None else pick(inv_step, owners))
+
+    def _update_compiled(
+        self, group: dict[str, Any], lists: dict[str, list[Tensor]], fast: list[int], not_first: list[Tensor],
+        diff_weight: list[Tensor], scaled_eps: list[Tensor], inv_step: list[Tensor] | None,
+    ) -> list[int]:
+        """The rule on the ``fast`` tensors, one compiled pass each; returns those left to the eager rule."""
+        lr, wd, no_prox = group["lr"], group["weight_decay"], group["no_prox"]
+        beta1, beta2, beta3 = group["betas"]
+        like = lists["param"][fast[0]]
+        k = compiled.constants(like, c1=1.0 - beta1, c2=1.0 - beta2, beta2=beta2, beta3=beta3, c3=1.0 - beta3,
+                               decay=-lr * wd if no_prox else -lr * wd / (1.0 + lr * wd))
+        scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
+        left = []
+        names = ("param", "grad", "exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+        for chunk in compiled.chunks(fast):
+            tensors = [[lists[name][i] for i in chunk] for name in names]
+            scalars = [[v[i] for i in chunk] for v in (not_first, diff_weight, scaled_eps)]
+            if not _ADAN(*tensors, *scalars, None if inv_step is None else [inv_step[i] for i in chunk], k["c1"],
+                         k["c2"], k["beta2"], k["beta3"], k["c3"], k["decay"], scale, skip, no_prox=no_prox,
+                         decayed=wd != 0):
+                left += chunk
+        return left
 
     def _update_block(
         self, group: dict[str, Any], block: dict[str, list[Tensor]], not_first: list[Tensor], diff_weight: list[Tensor],
@@ -110,3 +142,33 @@ class Adan(KitOptimizer):
             torch._foreach_addcdiv_(params, numerator, denom)
         if not group["no_prox"] and wd != 0:
             torch._foreach_add_(params, params, alpha=-lr * wd / (1.0 + lr * wd))
+
+
+def _adan_rule(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], ds: list[Tensor], ns: list[Tensor], prevs: list[Tensor],
+    not_firsts: list[Tensor], diff_weights: list[Tensor], scaled_epss: list[Tensor], inv_steps: list[Tensor] | None,
+    c1: Tensor, c2: Tensor, beta2: Tensor, beta3: Tensor, c3: Tensor, decay: Tensor, scale: Tensor | None,
+    skip: Tensor, *, no_prox: bool, decayed: bool,
+) -> None:
+    """:meth:`Adan._update_block`'s ops, fused per tensor (``rounded`` where eager rounds a product)."""
+    for j, (p, g, m, d, n, prev) in enumerate(zip(ps, gs, ms, ds, ns, prevs)):
+        g = compiled.scaled_grad(g, scale)
+        diff = compiled.rounded(skip, (g - prev) * not_firsts[j])
+        new_m = torch.lerp(m, g, c1)
+        new_d = torch.lerp(d, diff, c2)
+        nesterov = g + diff * beta2
+        new_n = compiled.rounded(skip, n * beta3) + (c3 * nesterov) * nesterov  # eager addcmul: one FMA
+        new_p = p
+        if no_prox and decayed:
+            new_p = new_p + new_p * decay
+        if inv_steps is not None:
+            denom = (new_n.sqrt() + scaled_epss[j]) * inv_steps[j]
+            new_p = new_p + (compiled.rounded(skip, new_d * diff_weights[j]) + new_m) / denom
+        if not no_prox and decayed:
+            new_p = new_p + new_p * decay
+        for old, new in ((p, new_p), (m, new_m), (d, new_d), (n, new_n), (prev, g)):
+            old.copy_(compiled.select(skip, old, new))
+
+
+#: Contracted, with the products eager rounds kept apart: eager's lerp and add(alpha=) are FMAs.
+_ADAN = compiled.CompiledRule(_adan_rule, contract=True)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit import validation
+from lightning_optkit.kernels import compiled
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
 from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
@@ -61,6 +62,16 @@ class LAMB(KitOptimizer):
         lists = {"param": params, "grad": grads, **state}
         if split:
             lists["update"] = self._update_buffers(params)
+        # Compiled (CPU, large tensors): the whole rule per tensor while it is in cache: one fused pass for m, v
+        # and u, the two norms, the trust ratio, one fused pass for p.
+        fast, rest = compiled.partition(self, lists) if split else ([], list(range(len(params))))
+        rest += self._update_compiled(group, lists, fast, bc1, bc2)
+        if not rest:
+            return
+        rest.sort()
+        lists = compiled.subset(lists, rest)
+        bc1, bc2 = [bc1[i] for i in rest], [bc2[i] for i in rest]
+        count = len(rest)
         # Pass 1: the moments, then the direction u block by block (kept for pass 2), and each piece's norms
         # (of p and u).
         pieces: list[int] = []
@@ -77,9 +88,9 @@ class LAMB(KitOptimizer):
                 update_norms += torch._foreach_norm(update)
             else:
                 norms = self.whole_tensor_norms([*block["param"], *update])  # whole tensors: one collective
-                param_norms, update_norms = norms[:len(params)], norms[len(params):]
-        param_norm = _per_tensor_norm(param_norms, pieces, len(params))
-        update_norm = _per_tensor_norm(update_norms, pieces, len(params))
+                param_norms, update_norms = norms[:count], norms[count:]
+        param_norm = _per_tensor_norm(param_norms, pieces, count)
+        update_norm = _per_tensor_norm(update_norms, pieces, count)
         usable = (param_norm > 0) & (update_norm > 0)
         ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
         ratio = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"]).unbind()
@@ -88,6 +99,37 @@ class LAMB(KitOptimizer):
         for (owners, block), update in zip(blocks, updates):
             torch._foreach_mul_(update, pick(ratio, owners))
             torch._foreach_add_(block["param"], update)
+
+    def _update_compiled(
+        self, group: dict[str, Any], lists: dict[str, list[Tensor]], fast: list[int], bc1: list[Tensor],
+        bc2: list[Tensor],
+    ) -> list[int]:
+        """The rule on the ``fast`` tensors, a chunk at a time; returns those left to the eager rule."""
+        if not fast:
+            return []
+        beta1, beta2 = group["betas"]
+        like = lists["param"][fast[0]]
+        k = compiled.constants(like, c1=1.0 - beta1, beta2=beta2, c2=1.0 - beta2, eps=group["eps"],
+                               wd=group["weight_decay"])
+        scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
+        left = []
+        for chunk in compiled.chunks(fast):
+            ps, us = [lists["param"][i] for i in chunk], [lists["update"][i] for i in chunk]
+            columns = [[lists[name][i] for i in chunk] for name in ("grad", "exp_avg", "exp_avg_sq")]
+            if not _LAMB_DIRECTION(ps, *columns, us, [bc1[i] for i in chunk], [bc2[i] for i in chunk], k["c1"],
+                                   k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
+                                   decayed=group["weight_decay"] != 0):
+                left += chunk
+                continue
+            norms = torch.stack(torch._foreach_norm([*ps, *us]))
+            param_norm, update_norm = norms[:len(chunk)], norms[len(chunk):]
+            usable = (param_norm > 0) & (update_norm > 0)  # the eager rule's ratio, op for op
+            ratio = torch.where(usable, param_norm / update_norm, torch.ones_like(param_norm))
+            ratios = ratio.clamp_(max=group["max_trust_ratio"]).mul_(-group["lr"]).unbind()
+            if not _LAMB_APPLY(ps, us, list(ratios), skip):  # compiling failed since pass 1: the same ops, eagerly
+                for p, u, r in zip(ps, us, ratios):
+                    torch.where(skip, p, p + u * r, out=p)
+        return left
 
     def _update_buffers(self, params: list[Tensor]) -> list[Tensor]:
         buffers = self.__dict__.setdefault("_updates", {})
@@ -135,3 +177,33 @@ def _per_tensor_norm(norms: list[Tensor], pieces: list[int], count: int) -> Tens
     owners = torch.tensor(pieces, device=stacked.device)
     squares = torch.zeros(count, dtype=stacked.dtype, device=stacked.device)
     return squares.index_add_(0, owners, stacked.square()).sqrt_()
+
+
+def _lamb_direction_rule(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], us: list[Tensor], bc1s: list[Tensor],
+    bc2s: list[Tensor], c1: Tensor, beta2: Tensor, c2: Tensor, eps: Tensor, wd: Tensor, scale: Tensor | None,
+    skip: Tensor, *, decayed: bool,
+) -> None:
+    """:meth:`LAMB._direction`'s ops, fused per tensor: the moments and ``u`` (``rounded`` where eager rounds a
+    product before adding it)."""
+    for j, (p, g, m, v, u) in enumerate(zip(ps, gs, ms, vs, us)):
+        g = compiled.scaled_grad(g, scale)
+        new_m = torch.lerp(m, g, c1)
+        new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
+        update = new_m / bc1s[j] / ((new_v / bc2s[j]).sqrt() + eps)
+        if decayed:
+            update = update + p * wd
+        u.copy_(update)
+        m.copy_(compiled.select(skip, m, new_m))
+        v.copy_(compiled.select(skip, v, new_v))
+
+
+def _lamb_apply_rule(ps: list[Tensor], us: list[Tensor], ratios: list[Tensor], skip: Tensor) -> None:
+    """``p + u * ratio`` per tensor (``ratio`` = -lr * trust ratio), the product rounded first as eager does."""
+    for p, u, ratio in zip(ps, us, ratios):
+        p.copy_(compiled.select(skip, p, p + compiled.rounded(skip, u * ratio)))
+
+
+#: Contracted, with the products eager rounds kept apart: eager's lerp, addcmul and add(alpha=) are FMAs.
+_LAMB_DIRECTION = compiled.CompiledRule(_lamb_direction_rule, contract=True)
+_LAMB_APPLY = compiled.CompiledRule(_lamb_apply_rule, contract=True)

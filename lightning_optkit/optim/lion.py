@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from lightning_optkit.kernels import compiled
 from lightning_optkit.kernels.hooks import lion_fused_step
 from lightning_optkit.kernels.torch_fused import lion_lists
 from lightning_optkit.optim.base import KitOptimizer, betas, non_negative
@@ -54,7 +56,35 @@ class Lion(KitOptimizer):
     ) -> None:
         beta1, beta2 = group["betas"]
         lists = {"param": params, "grad": grads, "exp_avg": state["exp_avg"]}
+        fast, rest = compiled.partition(self, lists)
+        if fast:
+            lr, wd = group["lr"], group["weight_decay"]
+            k = compiled.constants(params[fast[0]], rate=lr * wd, neg_lr=-lr, c1=1.0 - beta1, c2=1.0 - beta2)
+            scale, skip = compiled.modifiers(*self._block_modifiers[:2], params[fast[0]])
+            for chunk in compiled.chunks(fast):
+                if not _LION([params[i] for i in chunk], [grads[i] for i in chunk],
+                             [state["exp_avg"][i] for i in chunk], k["rate"], k["neg_lr"], k["c1"], k["c2"], scale,
+                             skip, decayed=wd != 0):
+                    rest += chunk
+            if not rest:
+                return
+            lists = compiled.subset(lists, sorted(rest))
         for _, block in self._blocks(lists, ("param", "exp_avg")):
             # The same foreach operations as fused=True on the torch backend, so both paths agree bit for bit.
             lion_lists(block["param"], block["grad"], block["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
                        weight_decay=group["weight_decay"])
+
+
+def _lion_rule(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], rate: Tensor, neg_lr: Tensor, c1: Tensor,
+               c2: Tensor, scale: Tensor | None, skip: Tensor, *, decayed: bool) -> None:
+    """Lion's foreach rule (:func:`~lightning_optkit.kernels.torch_fused.lion_lists`), fused per tensor."""
+    for p, g, m in zip(ps, gs, ms):
+        g = compiled.scaled_grad(g, scale)
+        new_p = p - compiled.rounded(skip, p * rate) if decayed else p
+        new_p = new_p + torch.lerp(m, g, c1).sign() * neg_lr
+        p.copy_(compiled.select(skip, p, new_p))
+        m.copy_(compiled.select(skip, m, torch.lerp(m, g, c2)))
+
+
+#: Contracted: eager torch's lerp is an FMA, so the compiled lerp must be one to give its bits.
+_LION = compiled.CompiledRule(_lion_rule, contract=True)

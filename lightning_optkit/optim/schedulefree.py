@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit import validation
+from lightning_optkit.kernels import compiled
 from lightning_optkit.optim.base import KitOptimizer, bias_correction, non_negative, scalar_dtype
 from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
@@ -141,6 +142,21 @@ class ScheduleFreeAdamW(KitOptimizer):
         y_coef = (lr * (beta1 * (1.0 - ckp1) - 1.0)).unbind()
         z_coef = lr.neg().unbind()
         lists = {"param": params, "grad": grads, "z": zs, "exp_avg_sq": exp_avg_sqs}
+        fast, rest = compiled.partition(self, lists)
+        if fast:
+            like = params[fast[0]]
+            k = compiled.constants(like, beta2=beta2, c2=1.0 - beta2, eps=group["eps"], wd=group["weight_decay"])
+            scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
+            for chunk in compiled.chunks(fast):
+                columns = [[v[i] for i in chunk] for v in (params, grads, zs, exp_avg_sqs, bc2, weight, y_coef, z_coef)]
+                if not _SCHEDULE_FREE(*columns, k["beta2"], k["c2"], k["eps"], k["wd"], scale, skip,
+                                      decayed=group["weight_decay"] != 0):
+                    rest += chunk
+            if not rest:
+                return
+            rest.sort()
+            lists = compiled.subset(lists, rest)
+            bc2, weight, y_coef, z_coef = ([v[i] for i in rest] for v in (bc2, weight, y_coef, z_coef))
         for owners, block in self._blocks(lists, ("param", "z", "exp_avg_sq")):
             self._update_block(group, block, pick(bc2, owners), pick(weight, owners), pick(y_coef, owners),
                                pick(z_coef, owners))
@@ -167,3 +183,27 @@ class ScheduleFreeAdamW(KitOptimizer):
         torch._foreach_add_(params, y_step)
         torch._foreach_mul_(normalized, z_coef)
         torch._foreach_add_(zs, normalized)
+
+
+def _schedule_free_rule(
+    ps: list[Tensor], gs: list[Tensor], zs: list[Tensor], vs: list[Tensor], bc2s: list[Tensor], weights: list[Tensor],
+    y_coefs: list[Tensor], z_coefs: list[Tensor], beta2: Tensor, c2: Tensor, eps: Tensor, wd: Tensor,
+    scale: Tensor | None, skip: Tensor, *, decayed: bool,
+) -> None:
+    """:meth:`ScheduleFreeAdamW._update_block`'s ops, fused per tensor (``rounded`` where eager rounds a
+    product before adding it)."""
+    for j, (p, g, z, v) in enumerate(zip(ps, gs, zs, vs)):
+        g = compiled.scaled_grad(g, scale)
+        new_v = compiled.rounded(skip, v * beta2) + (c2 * g) * g  # eager addcmul: one FMA
+        normalized = g / ((new_v / bc2s[j]).sqrt() + eps)
+        if decayed:
+            normalized = normalized + p * wd
+        new_p = torch.lerp(p, z, weights[j])
+        new_p = new_p + compiled.rounded(skip, normalized * y_coefs[j])
+        new_z = z + compiled.rounded(skip, normalized * z_coefs[j])
+        for old, new in ((p, new_p), (z, new_z), (v, new_v)):
+            old.copy_(compiled.select(skip, old, new))
+
+
+#: Contracted, with the products eager rounds kept apart: eager's lerp, addcmul and add(alpha=) are FMAs.
+_SCHEDULE_FREE = compiled.CompiledRule(_schedule_free_rule, contract=True)

@@ -10,7 +10,7 @@ CPU, compiling one step per parameter shape with torch.compile).
 The check: mean int8 validation loss within 1% of the fp32 AdamW mean.
 
 Run: ``python benchmarks/bench_lean_quality.py [--steps 300] [--seeds 0 1 2] [--torchao] [--kit-fp32]``
-(defaults sized for a shared 2-core machine: about 10 minutes).
+(defaults sized for a shared 2-core machine: about 10 minutes, about 25 with ``--torchao``).
 """
 
 from __future__ import annotations

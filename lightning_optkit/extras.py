@@ -4,7 +4,8 @@ when a feature needs a module that is not installed.
 The extras (``pyproject.toml``): ``plot`` (matplotlib: ``optkit schedule --plot``, ``examples/05``),
 ``cli`` (jsonargparse: LightningCLI, ``examples/09``), ``triton`` (the Triton kernels), ``examples``
 (``plot`` + ``cli``: what the README's demo command installs), ``dev`` (the test suite) and ``bench`` (the peer
-libraries of benchmarks/bench_peers.py and tests/test_optim_peers.py).
+libraries of benchmarks/bench_peers.py and tests/test_optim_peers.py, listed in ``EXTRAS``, and torchao, whose
+AdamW8bit is the peer of ``benchmarks/bench_lean_quality.py --torchao``, which imports it itself).
 """
 
 from __future__ import annotations

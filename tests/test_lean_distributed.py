@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_optkit.kernels import lean_codec as codec
+
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "run_lean.py"
@@ -95,8 +97,17 @@ def test_ddp_and_fsdp2_train_like_one_process(runs, kind, state_dtype):
         for key in MOMENTS:
             a, b = _whole(ranks, name, key).double(), state[key].double()
             if state[key].dtype == torch.int8 or state[key].dtype == torch.uint8:
-                # measured (2 seeds): at most 4 code steps (small codes, whose steps are fine), 0.82% of codes
-                assert (a - b).abs().max() <= 8 and (a != b).double().mean() <= 0.03, (name, key)
+                # compared as moments: a code flips where a value sits on a rounding boundary, and an m near 0
+                # can change sign (code -10 -> +10: 1.2% of the block's largest |m|); measured at most 0.82% of
+                # codes differ. 5% of the block's scale (its largest magnitude) is far below a wrong code or block.
+                decode = codec.decode_signed if key == "exp_avg" else codec.decode_root
+                codes_a, codes_b = _whole(ranks, name, key), state[key]
+                scale_b = state[key + "_scale"]
+                value_a = decode(codes_a, _whole(ranks, name, key + "_scale"), torch.empty(codes_a.shape))
+                value_b = decode(codes_b, scale_b, torch.empty(codes_b.shape))
+                per_element = scale_b.repeat_interleave(codec.BLOCK, dim=1)[:, :codes_b.shape[1]]
+                assert ((value_a - value_b).abs() <= 0.05 * per_element).all(), (name, key)
+                assert (a != b).double().mean() <= 0.03, (name, key)
             elif state[key].dtype == torch.bfloat16:
                 # the same rounding noise: a few % differ, by a bf16 step, or where m = 0.9 m + 0.1 g nearly
                 # cancels by its inputs' difference (measured, 2 seeds: 1.4e-3 of the largest |m|, 3.4%)

@@ -79,7 +79,9 @@ def test_native_step_gives_the_eager_rules_results(dtype, weight_decay, gen, nat
         assert torch.equal(a.grad, c.grad)  # the last step's grads scaled in place as the eager rule does
     # u lives in the kernel's scratch rows only: no per-parameter direction buffer for the kernel's tensors
     assert not {ours[i] for i in NATIVE} & set(opt.__dict__.get("_updates", {}))
-    assert opt.__dict__["_native_rows"].shape[1] == max(ours[i].numel() for i in NATIVE)
+    rows = opt.__dict__["_native_rows"]
+    assert rows.shape[1] == max(ours[i].numel() for i in NATIVE)
+    assert opt.scratch_nbytes() >= rows.numel() * rows.element_size()  # counted where a user reads memory
 
 
 def test_native_bits_do_not_depend_on_the_thread_count(gen):

@@ -177,7 +177,8 @@ class LAMB(KitOptimizer):
 
     def scratch_nbytes(self) -> int:
         """Block buffers, the per-parameter direction buffers and the native kernel's scratch rows."""
-        buffers = [*self.__dict__.get("_updates", {}).values(), *filter(None, [self.__dict__.get("_native_rows")])]
+        rows = self.__dict__.get("_native_rows")
+        buffers = [*self.__dict__.get("_updates", {}).values(), *([] if rows is None else [rows])]
         return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in buffers)
 
     @staticmethod

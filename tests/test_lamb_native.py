@@ -125,6 +125,16 @@ def test_native_skipped_step_leaves_every_bit(gen):
         torch.testing.assert_close(p.grad, g * 0.25, rtol=0, atol=0, equal_nan=True)  # scaled, as eagerly
 
 
+def test_a_scratch_too_small_is_refused_before_the_kernel_runs(gen):
+    params = [torch.randn(2000, generator=gen), torch.randn(3000, generator=gen)]
+    state = [torch.zeros_like(p) for p in params]
+    one = torch.ones((), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"at least \d+ x 3000 elements, got torch.float32 \(1, 2000\)"):
+        lamb_native.step(lamb_native.library(), params, [p.clone() for p in params], state, [s.clone() for s in state],
+                         [one, one], [one, one], None, None, torch.empty(1, 2000), c1=0.1, beta2=0.999, c2=0.001,
+                         eps=1e-6, weight_decay=0.0, max_trust_ratio=10.0, lr=1e-3)
+
+
 def test_partition_takes_large_contiguous_cpu_float_tensors_of_one_dtype():
     big = [torch.randn(1200), torch.randn(1500, dtype=torch.float64), torch.randn(50, 40).t(), torch.randn(10),
            torch.randn(2000), torch.randn(1100).half()]

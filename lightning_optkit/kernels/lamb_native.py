@@ -57,10 +57,15 @@ def step(
     """One LAMB step of ``params`` (one dtype, all eligible), in place; ``bc1``/``bc2``: 0-d bias corrections
     of the parameters' dtype; ``scale`` (0-d, that dtype) multiplies the gradients in place first; a true
     0-d bool ``skip`` leaves everything but the scaled gradients untouched. ``scratch``: contiguous, that
-    dtype, ``threads x max numel`` elements (see :func:`scratch_shape`). No host sync: the kernel reads the
+    dtype, at least ``threads x max numel`` elements (:func:`scratch_shape`; as many threads as that gives
+    run, however many rows ``scratch`` has). No host sync: the kernel reads the
     0-d tensors where they are."""
     dtype = params[0].dtype
-    threads, row = scratch.shape
+    threads, row = scratch_shape(params)
+    if scratch.dtype != dtype or scratch.shape[0] < threads or scratch.shape[1] < row or not scratch.is_contiguous():
+        raise ValueError(f"LAMB's native kernel needs a contiguous {dtype} scratch of at least {threads} x {row} "
+                         f"elements, got {scratch.dtype} {tuple(scratch.shape)}")
+    row = scratch.shape[1]  # the stride between the threads' rows
     hyper = (ctypes.c_double * 7)(c1, beta2, c2, eps, weight_decay, max_trust_ratio, -lr)
     numel = (ctypes.c_int64 * len(params))(*(p.numel() for p in params))
     lib.lamb_native(len(params), numel, _pointers(params), _pointers(grads), _pointers(exp_avgs),

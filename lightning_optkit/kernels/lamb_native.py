@@ -8,7 +8,7 @@ bits do not depend on the thread count (a tensor is updated by one thread, in on
 run.
 
 Takes the tensors :func:`lightning_optkit.kernels.compiled.eligible` accepts (CPU, float32/float64,
-contiguous, at least ``compiled.MIN_NUMEL`` elements). ``LIGHTNING_OPTKIT_NATIVE=0`` or
+contiguous, at least ``compiled.MIN_NUMEL`` elements). ``LIGHTNING_OPTKIT_LAMB_NATIVE=0`` or
 ``optimizer.native_rules = False`` turns it off (the compiled rule runs instead); without a C compiler it is
 off, with one warning.
 """
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lightning_optkit.kernels import compiled, native
 
-ENV = "LIGHTNING_OPTKIT_NATIVE"
+ENV = "LIGHTNING_OPTKIT_LAMB_NATIVE"
 SOURCE = Path(__file__).with_name("lamb_native.c")
 _P = ctypes.c_void_p
 _ARGTYPES = [ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P,

@@ -7,11 +7,11 @@ per round, in a rotating order) so that machine noise hits all of them alike. Ea
 its modes (foreach and per-parameter where it has both); the fastest peer mode is the bar.
 
 Printed per (size, threads, rule): each optimizer's median step time and spread (25th-75th percentile),
-its state bytes per parameter and the bytes it allocates during one step per parameter (temporaries,
-from torch.profiler), and ``peer/kit``: the median over rounds of peer time / kit time (same round), with
-its 25th-75th percentile. ``>= 1.00`` means the kit is at least as fast. ``kit+guard`` is the kit step
-with a (false) skip flag deferred before it, as NonFiniteGuard does every step; its row gives
-guarded / unguarded time (target <= 1.10).
+its state bytes per parameter, the persistent buffers it keeps besides its state (scratch) per parameter,
+and the bytes it allocates during one step per parameter (temporaries, from torch.profiler), and
+``peer/kit``: the median over rounds of peer time / kit time (same round), with its 25th-75th percentile.
+``>= 1.00`` means the kit is at least as fast. ``kit+guard`` is the kit step with a (false) skip flag
+deferred before it, as NonFiniteGuard does every step; its row gives guarded / unguarded time (target <= 1.10).
 
 Usage: python benchmarks/bench_peers.py [--rounds 9] [--sizes 20M:8 5M:50] [--threads 1 0] [--only adan lion]
 (``--threads 0`` is torch's default thread count.)
@@ -136,6 +136,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
+def scratch_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Persistent buffers besides the state (the kit's block buffers, LAMB's direction rows); 0 for peers."""
+    return optimizer.scratch_nbytes() if hasattr(optimizer, "scratch_nbytes") else 0
+
+
 def step_allocations(step: Callable[[], None]) -> int:
     """Bytes allocated by the ops of one step (torch.profiler's self CPU memory, summed over ops)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -182,7 +187,8 @@ def run_rule(rule: str, numel: int, count: int, rounds: int, warmup: int, seed: 
     fastest = min(peers, key=lambda e: statistics.median(e.times))
     print(f"\n{rule}  ({total / 1e6:.1f}M params in {count} tensors, {torch.get_num_threads()} thread(s), "
           f"{rounds} rounds)")
-    header = f"  {'optimizer':<27} {'median ms':>10} {'p25-p75 ms':>16} {'state B/p':>9} {'alloc B/p':>9}  ratio"
+    header = (f"  {'optimizer':<27} {'median ms':>10} {'p25-p75 ms':>16} {'state B/p':>9} {'scratch B/p':>11} "
+              f"{'alloc B/p':>9}  ratio")
     print(header)
     for entry, _, optimizer in runs:
         ms = [t * 1e3 for t in entry.times]
@@ -196,7 +202,8 @@ def run_rule(rule: str, numel: int, count: int, rounds: int, warmup: int, seed: 
             r_ = quartiles([p / k for p, k in zip(entry.times, kit.times)])
             ratio = f"peer/kit {r_[1]:.2f} ({r_[0]:.2f}-{r_[2]:.2f})" + (" <- fastest peer" if entry is fastest else "")
         print(f"  {entry.name:<27} {statistics.median(ms):10.1f} {q[0]:7.1f}-{q[2]:<8.1f} "
-              f"{state_bytes(optimizer) / total:9.1f} {allocated[entry.name] / total:9.2f}  {ratio}")
+              f"{state_bytes(optimizer) / total:9.1f} {scratch_bytes(optimizer) / total:11.2f} "
+              f"{allocated[entry.name] / total:9.2f}  {ratio}")
     print(f"  note: {note}")
     del runs
     gc.collect()

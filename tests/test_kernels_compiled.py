@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_optim_blocks import CASES, IDS, defer_guard  # the same configurations as the blocked-rule tests
 
-from lightning_optkit.kernels import compiled
+from lightning_optkit.kernels import compiled, lamb_native
 from lightning_optkit.optim import Adan, Lion
 
 SHAPES = [(40, 30), (7,), (1001,), (9, 64)]  # with MIN_NUMEL = 1000: two compiled, two eager
@@ -21,6 +21,7 @@ def _small_threshold(monkeypatch):
     monkeypatch.setattr(compiled, "MIN_NUMEL", 1000)
     monkeypatch.setattr(compiled, "CHUNK", 2)  # one chunk of both large tensors: small graphs, quick compiles
     monkeypatch.delenv(compiled.ENV, raising=False)
+    monkeypatch.setenv(lamb_native.ENV, "0")  # LAMB's native kernel would take the tensors the compiled rule gets
 
 
 def train(cls, kwargs, dtype, gen, on=True, steps=6):

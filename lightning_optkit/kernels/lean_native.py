@@ -1,11 +1,8 @@
 """The native CPU kernel of the lean AdamW step: ``lean_native.c``, built with the system C compiler.
 
-The first use in a process compiles the C file (about a second) into a cache folder
-(``LIGHTNING_OPTKIT_CACHE``, else ``~/.cache/lightning_optkit``, else the temp folder), keyed by the
-source, the flags and the CPU, and loads it with ctypes; later processes load the cached library.
-Built with ``-O3 -march=native -ffp-contract=off`` and no fast-math: every fp32 operation is IEEE and
-in a fixed order, so results are bit-identical run to run, for any thread count, and the same on any
-CPU the library runs on.
+Built, cached and loaded by :mod:`lightning_optkit.kernels.native` (``-O3 -march=native -ffp-contract=off``
+and no fast-math: every fp32 operation is IEEE and in a fixed order, so results are bit-identical run to
+run, for any thread count, and the same on any CPU the library runs on).
 
 ``LIGHTNING_OPTKIT_LEAN_NATIVE=0`` turns it off (the torch-op path runs instead). Without a working
 compiler, or when loading fails, :func:`library` returns ``None`` once logged, and the torch-op path runs.
@@ -14,30 +11,22 @@ compiler, or when loading fails, :func:`library` returns ``None`` once logged, a
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lightning_optkit.kernels import native
+
 NATIVE_ENV = "LIGHTNING_OPTKIT_LEAN_NATIVE"
-CACHE_ENV = "LIGHTNING_OPTKIT_CACHE"
+CACHE_ENV = native.CACHE_ENV
 SOURCE = Path(__file__).with_name("lean_native.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread") + (
-    ("-mprefer-vector-width=256",) if platform.machine().lower() in ("x86_64", "amd64") else ())
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}
 #: Elements per thread below which a tensor is updated by one thread (thread start costs ~20 us).
 MIN_PER_THREAD = 1 << 16
 _STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"}
 
-log = logging.getLogger("lightning_optkit.kernels")
 _argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -45,70 +34,12 @@ _argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctyp
 
 def enabled() -> bool:
     """False when ``LIGHTNING_OPTKIT_LEAN_NATIVE`` is 0/false/off/no."""
-    return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-def _cpu_tag() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()}|{flags}"
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    home = Path.home() / ".cache" / "lightning_optkit"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        if os.access(home, os.W_OK):
-            return home
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / "lightning_optkit"
-
-
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (atomically: concurrent processes may build at once)."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_tag().encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"lean_native_{digest}.so"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return native.switched_on(NATIVE_ENV)
 
 
 @lru_cache(maxsize=1)
 def _load() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    try:
-        if not compiler:
-            raise FileNotFoundError("no C compiler (cc/gcc) on PATH")
-        lib = ctypes.CDLL(str(_build(compiler)))
-        fn = lib.lean_adamw_native
-        fn.argtypes = _argtypes
-        fn.restype = ctypes.c_int
-        return lib
-    except (OSError, subprocess.SubprocessError, FileNotFoundError) as err:
-        detail = getattr(err, "stderr", b"") or b""
-        log.warning("lightning_optkit: the native lean AdamW kernel is unavailable (%s %s); the lean step uses "
-                    "torch ops on CPU (slower). Set %s=0 to silence this.", err,
-                    detail.decode(errors="replace")[:500], NATIVE_ENV)
-        return None
+    return native.load(SOURCE, {"lean_adamw_native": _argtypes}, "lean AdamW kernel", NATIVE_ENV)
 
 
 def library() -> ctypes.CDLL | None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_optkit import validation
-from lightning_optkit.kernels import compiled
+from lightning_optkit.kernels import compiled, lamb_native
 from lightning_optkit.optim.base import KitOptimizer, betas, bias_correction, non_negative
 from lightning_optkit.optim.blocks import fresh, pick
 from lightning_optkit.registry import register_optimizer
@@ -60,11 +60,20 @@ class LAMB(KitOptimizer):
         # u goes into a persistent buffer per parameter (4 bytes per fp32 param, allocated once; not state):
         # pieces cut like the others. A gradient-sized fresh tensor per step would be page faults.
         lists = {"param": params, "grad": grads, **state}
+        # Native (CPU, large tensors): the whole rule of every such tensor in one call, tensor by tensor while
+        # it is in cache (kernels/lamb_native.c); then the compiled rule, then the eager one, for the others.
+        native, rest = lamb_native.partition(self, lists) if split else ([], list(range(len(params))))
+        if native:
+            self._update_native(group, lists, native, bc1, bc2)
+            if not rest:
+                return
+            lists, bc1, bc2 = compiled.subset(lists, rest), [bc1[i] for i in rest], [bc2[i] for i in rest]
         if split:
-            lists["update"] = self._update_buffers(params)
+            lists["update"] = self._update_buffers(lists["param"])
         # Compiled (CPU, large tensors): the whole rule per tensor while it is in cache: one fused pass for m, v
         # and u, the two norms, the trust ratio, one fused pass for p.
-        fast, rest = compiled.partition(self, lists) if split else ([], list(range(len(params))))
+        count = len(lists["param"])
+        fast, rest = compiled.partition(self, lists) if split else ([], list(range(count)))
         rest += self._update_compiled(group, lists, fast, bc1, bc2)
         if not rest:
             return
@@ -99,6 +108,31 @@ class LAMB(KitOptimizer):
         for (owners, block), update in zip(blocks, updates):
             torch._foreach_mul_(update, pick(ratio, owners))
             torch._foreach_add_(block["param"], update)
+
+    def _update_native(
+        self, group: dict[str, Any], lists: dict[str, list[Tensor]], native: list[int], bc1: list[Tensor],
+        bc2: list[Tensor],
+    ) -> None:
+        """The rule on the ``native`` tensors in one kernel call (:mod:`~lightning_optkit.kernels.lamb_native`)."""
+        beta1, beta2 = group["betas"]
+        params = [lists["param"][i] for i in native]
+        like = params[0]
+        scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
+        lamb_native.step(
+            lamb_native.library(self), params, *([lists[name][i] for i in native] for name in
+                                                 ("grad", "exp_avg", "exp_avg_sq")),
+            [bc1[i].to(like.dtype) for i in native], [bc2[i].to(like.dtype) for i in native], scale, skip,
+            self._native_scratch(params), c1=1.0 - beta1, beta2=beta2, c2=1.0 - beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"], lr=group["lr"])
+
+    def _native_scratch(self, params: list[Tensor]) -> Tensor:
+        """The native kernel's scratch rows (persistent; grown when a larger tensor or more threads come)."""
+        threads, row = lamb_native.scratch_shape(params)
+        scratch = self.__dict__.get("_native_rows")
+        if (scratch is None or scratch.dtype != params[0].dtype or scratch.shape[0] < threads
+                or scratch.shape[1] < row):
+            scratch = self.__dict__["_native_rows"] = torch.empty(threads, row, dtype=params[0].dtype)
+        return scratch
 
     def _update_compiled(
         self, group: dict[str, Any], lists: dict[str, list[Tensor]], fast: list[int], bc1: list[Tensor],
@@ -142,9 +176,10 @@ class LAMB(KitOptimizer):
         return out
 
     def scratch_nbytes(self) -> int:
-        """Block buffers plus the per-parameter direction buffers."""
-        updates = self.__dict__.get("_updates", {}).values()
-        return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in updates)
+        """Block buffers, the per-parameter direction buffers and the native kernel's scratch rows."""
+        rows = self.__dict__.get("_native_rows")
+        buffers = [*self.__dict__.get("_updates", {}).values(), *([] if rows is None else [rows])]
+        return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in buffers)
 
     @staticmethod
     def _direction(

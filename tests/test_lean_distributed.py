@@ -93,6 +93,9 @@ def test_ddp_and_fsdp2_train_like_one_process(runs, kind, state_dtype):
         # steps, and at most 0.26% of the elements beyond 0.01 lr
         diff = (ranks[0]["params"][name] - want).abs()
         assert diff.max() <= 0.2 * LR and (diff > 0.01 * LR).double().mean() <= 0.02, name
+    # the scale of each fp32 moment over the model: a one-element head bias's m can be 1e-3 of the others
+    fp32_scale = {key: max(state[key].double().abs().max() for state in single[0]["state"].values()
+                           if state[key].dtype == torch.float32) for key in MOMENTS}
     for name, state in single[0]["state"].items():
         for key in MOMENTS:
             a, b = _whole(ranks, name, key).double(), state[key].double()
@@ -113,8 +116,12 @@ def test_ddp_and_fsdp2_train_like_one_process(runs, kind, state_dtype):
                 # cancels by its inputs' difference (measured, 2 seeds: 1.4e-3 of the largest |m|, 3.4%)
                 bound = torch.maximum(a.abs(), b.abs()) * 2**-6 + 2**-7 * b.abs().max()
                 assert ((a - b).abs() <= bound).all() and (a != b).double().mean() <= 0.1, (name, key)
-            else:  # fp32 moments follow the slightly different parameters: measured at most 4.8e-4
-                assert (a - b).abs().max() <= 3e-3 * b.abs().max(), (name, key)
+            else:
+                # fp32 moments follow the slightly different parameters. Measured over 25 seeds: at most 3.2e-4 of
+                # the model's largest moment of that kind; against the tensor's own largest, up to 1.4e-2 where
+                # the gradient nearly cancels (a head bias's m of 7e-6), which made a bound of 3e-3 of that fail
+                # in 1 seed of 25.
+                assert (a - b).abs().max() <= 3e-3 * fp32_scale[key], (name, key)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -79,7 +79,7 @@ def test_native_step_gives_the_eager_rules_results(dtype, weight_decay, gen, nat
         assert torch.equal(a.grad, c.grad)  # the last step's grads scaled in place as the eager rule does
     # u lives in the kernel's scratch rows only: no per-parameter direction buffer for the kernel's tensors
     assert not {ours[i] for i in NATIVE} & set(opt.__dict__.get("_updates", {}))
-    rows = opt.__dict__["_native_rows"]
+    rows = opt.__dict__["_native_rows"][dtype]
     assert rows.shape[1] == max(ours[i].numel() for i in NATIVE)
     assert opt.scratch_nbytes() >= rows.numel() * rows.element_size()  # counted where a user reads memory
 

@@ -57,8 +57,6 @@ class LAMB(KitOptimizer):
         bc2 = bias_correction(steps, group["betas"][1]).unbind()
         # Under FSDP2 the rule sees local shards and the norms need one collective: keep the lists whole.
         split = not any_sharded(getattr(self, "_bucket_params", ()))
-        # u goes into a persistent buffer per parameter (4 bytes per fp32 param, allocated once; not state):
-        # pieces cut like the others. A gradient-sized fresh tensor per step would be page faults.
         lists = {"param": params, "grad": grads, **state}
         # Native (CPU, large tensors): the whole rule of every such tensor in one call, tensor by tensor while
         # it is in cache (kernels/lamb_native.c); then the compiled rule, then the eager one, for the others.
@@ -68,6 +66,8 @@ class LAMB(KitOptimizer):
             if not rest:
                 return
             lists, bc1, bc2 = compiled.subset(lists, rest), [bc1[i] for i in rest], [bc2[i] for i in rest]
+        # u goes into a persistent buffer per parameter (4 bytes per fp32 param, allocated once; not state):
+        # pieces cut like the others. A gradient-sized fresh tensor per step would be page faults.
         if split:
             lists["update"] = self._update_buffers(lists["param"])
         # Compiled (CPU, large tensors): the whole rule per tensor while it is in cache: one fused pass for m, v
@@ -126,12 +126,15 @@ class LAMB(KitOptimizer):
             weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"], lr=group["lr"])
 
     def _native_scratch(self, params: list[Tensor]) -> Tensor:
-        """The native kernel's scratch rows (persistent; grown when a larger tensor or more threads come)."""
+        """The native kernel's scratch rows for the params' dtype (persistent, one per dtype; grown, never shrunk,
+        when a larger tensor or more threads come)."""
         threads, row = lamb_native.scratch_shape(params)
-        scratch = self.__dict__.get("_native_rows")
-        if (scratch is None or scratch.dtype != params[0].dtype or scratch.shape[0] < threads
-                or scratch.shape[1] < row):
-            scratch = self.__dict__["_native_rows"] = torch.empty(threads, row, dtype=params[0].dtype)
+        rows = self.__dict__.setdefault("_native_rows", {})
+        scratch = rows.get(params[0].dtype)
+        if scratch is None or scratch.shape[0] < threads or scratch.shape[1] < row:
+            if scratch is not None:
+                threads, row = max(threads, scratch.shape[0]), max(row, scratch.shape[1])
+            scratch = rows[params[0].dtype] = torch.empty(threads, row, dtype=params[0].dtype)
         return scratch
 
     def _update_compiled(
@@ -177,8 +180,7 @@ class LAMB(KitOptimizer):
 
     def scratch_nbytes(self) -> int:
         """Block buffers, the per-parameter direction buffers and the native kernel's scratch rows."""
-        rows = self.__dict__.get("_native_rows")
-        buffers = [*self.__dict__.get("_updates", {}).values(), *([] if rows is None else [rows])]
+        buffers = [*self.__dict__.get("_updates", {}).values(), *self.__dict__.get("_native_rows", {}).values()]
         return super().scratch_nbytes() + sum(b.numel() * b.element_size() for b in buffers)
 
     @staticmethod

@@ -171,3 +171,28 @@ def test_without_a_compiler_the_step_falls_back(gen, monkeypatch, caplog, tmp_pa
         lamb_native._load.cache_clear()
     eager, _ = train(torch.float32, seed, steps=2, native=False)
     assert all(torch.equal(a, b) for a, b in zip(fallback, eager))
+
+
+def test_float32_and_float64_parameters_in_one_optimizer(gen, native_calls):
+    """Each dtype is its own bucket with its own scratch rows; both match the eager rule, step after step."""
+    seed = int(torch.randint(0, 2**31, (), generator=gen))
+
+    def run(native: bool):
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(1500, generator=g, dtype=dtype)) for dtype in
+                  (torch.float32, torch.float64, torch.float32)]
+        opt = LAMB(params, lr=1e-2)
+        opt.native_rules, opt.compile_rules = native, False
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+        return params, opt
+
+    (ours, opt), calls = run(True), list(native_calls)
+    eager, _ = run(False)
+    assert sorted(calls) == [1, 1, 1, 2, 2, 2]  # per step: the fp32 pair in one call, the fp64 one in another
+    assert set(opt.__dict__["_native_rows"]) == {torch.float32, torch.float64}
+    for a, b in zip(ours, eager):
+        rel = 1e-6 if a.dtype == torch.float32 else 1e-14
+        assert a.dtype == b.dtype and (a.double() - b.double()).abs().max() <= rel * b.double().abs().max()

@@ -35,7 +35,6 @@ typedef struct {
     double c1, beta2, c2, eps, wd, max_ratio, neg_lr;
     int decayed, dbl;
     void *scratch; int64_t scratch_row;              /* one row of scratch_row elements per thread */
-    int nthreads;
     int64_t next;                                    /* the next tensor to take (atomic) */
 } lamb_t;
 
@@ -121,7 +120,7 @@ int lamb_native(int64_t count, const int64_t *numel, void *const *p, void *const
                 const uint8_t *skip, const double *hyper, int decayed, int dbl, void *scratch,
                 int64_t scratch_row, int nthreads) {
     lamb_t job = {count, numel, p, g, m, v, bc1, bc2, scale, skip, hyper[0], hyper[1], hyper[2], hyper[3],
-                  hyper[4], hyper[5], hyper[6], decayed, dbl, scratch, scratch_row, nthreads, 0};
+                  hyper[4], hyper[5], hyper[6], decayed, dbl, scratch, scratch_row, 0};
     if (nthreads > count) nthreads = (int)count;
     if (nthreads > 64) nthreads = 64;
     if (nthreads <= 1) {

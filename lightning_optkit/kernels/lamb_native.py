@@ -57,9 +57,8 @@ def step(
     """One LAMB step of ``params`` (one dtype, all eligible), in place; ``bc1``/``bc2``: 0-d bias corrections
     of the parameters' dtype; ``scale`` (0-d, that dtype) multiplies the gradients in place first; a true
     0-d bool ``skip`` leaves everything but the scaled gradients untouched. ``scratch``: contiguous, that
-    dtype, at least ``threads x max numel`` elements (:func:`scratch_shape`; as many threads as that gives
-    run, however many rows ``scratch`` has). No host sync: the kernel reads the
-    0-d tensors where they are."""
+    dtype, at least :func:`scratch_shape` (threads x largest numel); the kernel runs that many threads even
+    when ``scratch`` has more rows. No host sync: the kernel reads the 0-d tensors where they are."""
     dtype = params[0].dtype
     threads, row = scratch_shape(params)
     if scratch.dtype != dtype or scratch.shape[0] < threads or scratch.shape[1] < row or not scratch.is_contiguous():

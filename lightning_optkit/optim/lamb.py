@@ -117,7 +117,8 @@ class LAMB(KitOptimizer):
         beta1, beta2 = group["betas"]
         params = [lists["param"][i] for i in native]
         like = params[0]
-        scale, skip = compiled.modifiers(*self._block_modifiers[:2], like)
+        scale, skip = self._block_modifiers[:2]  # CPU 0-d tensors or None (the kernel takes None for either)
+        scale = None if scale is None else scale.to(like.dtype)
         lamb_native.step(
             lamb_native.library(self), params, *([lists[name][i] for i in native] for name in
                                                  ("grad", "exp_avg", "exp_avg_sq")),
